@@ -1,0 +1,82 @@
+"""UAD on WHU-MARS. Usage: ``--config=configs/uad.py:PRESET[,loss=…][,fsdp]``.
+
+Presets:
+  whumars2337  the reference recipe on WHU-MARS-2337 (ViT-B/16, 4 replica groups of 16×3×4).
+  whumars1000  the same recipe on WHU-MARS-1000.
+  synthetic    a tiny ViT on the synthetic WHU-MARS, small enough for one CPU.
+Args:
+  loss   base | base+proca | base+gpd | uad (the ablation rows of the paper).
+  fsdp   shard parameters over the data axis too (fully sharded data parallel).
+
+Every field below has one default and one comment; the returned config is locked, so a typo in
+``--config.x=y`` fails instead of being ignored.
+"""
+import ml_collections
+
+from configs import common
+
+PRESETS = ("whumars2337", "whumars1000", "synthetic")
+LOSSES = ("base", "base+proca", "base+gpd", "uad")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = common.parse_arg(arg, preset="synthetic", loss="uad", fsdp=False)
+  if arg.preset not in PRESETS:
+    raise ValueError(f"unknown preset {arg.preset!r}; expected one of {PRESETS}")
+  if arg.loss not in LOSSES:
+    raise ValueError(f"unknown loss {arg.loss!r}; expected one of {LOSSES}")
+  reference = arg.preset != "synthetic"
+  c = ml_collections.ConfigDict()
+  c.preset = arg.preset                      # which preset this config was built from
+  c.seed = 1234                              # the reference's seed
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "whu_mars"                # TFDS builder name (tfds_whumars)
+  c.dataset.config = arg.preset if reference else "whumars1000"  # builder config: raw folder
+  c.dataset.data_dir = "data/tfds"           # where the built ArrayRecord dataset lives
+  c.dataset.manual_dir = "data/raw" if reference else "data/synthetic"  # the raw WHU-MARS root
+  c.dataset.synthetic_ids = 0 if reference else 60  # >0: generate a synthetic set of this many ids
+  c.num_classes = 0                          # training identities; 0 = read from the dataset
+
+  c.sampler = ml_collections.ConfigDict()
+  c.sampler.identities = 16 if reference else 4   # P: identities per replica group
+  c.sampler.modalities = 3                        # M: RGB, NIR, TIR
+  c.sampler.instances = 4 if reference else 2     # K: images per identity and modality
+  c.num_replicas = 4 if reference else 1          # R: replica groups per optimizer step
+
+  c.model = ml_collections.ConfigDict()
+  c.model.variant = "B/16" if reference else "mu/16"  # ViT size/patch: mu, Ti, S, B
+  c.model.image_size = (256, 128) if reference else (128, 64)  # input H, W
+  c.model.stochastic_depth = 0.1             # drop-path rate of the last block (linear from 0)
+  c.model.dtype = "bfloat16"                 # compute dtype of the matrix products
+  c.pretrained = ""                          # ImageNet ViT checkpoint (.npz/.safetensors/.pth)
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = arg.loss                     # which terms: base | base+proca | base+gpd | uad
+  c.loss.proca_weight = 0.01                 # weight of ProCA in the total loss
+  c.loss.gpd_weight = 1.0                    # weight of GPD in the total loss
+  c.loss.gpd_tau = 0.03                      # GPD softmax temperature
+  c.loss.prototype_momentum = 0.2            # weight of the new anchor in the memory EMA
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr_per_replica = 0.008             # base LR of one 192-image replica group (linear)
+  c.optim.momentum = 0.9                     # SGD momentum (no Nesterov)
+  c.optim.weight_decay = 1e-4                # torch-style coupled L2, on every trained parameter
+  c.optim.bias_lr_factor = 2.0               # LR multiplier of parameters named "*bias*"
+  c.optim.grad_clip_norm = 1.0               # global L2 norm clipping
+  c.optim.epochs = 120 if reference else 4   # training length in epochs
+  c.optim.warmup_epochs = 5 if reference else 1  # linear warm-up epochs
+  c.optim.warmup_factor = 0.01               # warm-up starts at this fraction of the base LR
+  c.optim.min_lr_factor = 0.002              # cosine floor as a fraction of the base LR
+
+  c.mesh = (("data", -1), ("model", 1))      # mesh axes and sizes; -1 takes the other devices
+  # Logical → mesh axis rules (first match wins). Activations are data parallel; the identity
+  # dimension of the classifier and the prototype memory can go over "model".
+  c.sharding_rules = (
+      (("embed", "data"),) if arg.fsdp else ()) + (
+      ("act_batch", "data"),
+      ("classes", "model"),
+  )
+  c.eval_every_epochs = 10 if reference else 2  # evaluation period in epochs
+  c.lock()
+  return c

@@ -1,0 +1,159 @@
+"""The ViT backbone, the ReID head and the mixed-precision products."""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from uad_jax import precision, reid_model, vit
+
+IMAGE = (64, 32)
+
+
+def _init(model, batch=4, seed=0):
+  x = jnp.asarray(np.random.RandomState(seed).randn(batch, *model.image_size, 3), jnp.float32)
+  variables = model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x,
+                         train=True)
+  return x, variables
+
+
+def test_vit_b16_has_the_reference_parameter_count():
+  model = reid_model.UADNet(num_classes=2337, variant="B/16")
+  shapes = jax.eval_shape(lambda: model.init(
+      {"params": jax.random.key(0), "dropout": jax.random.key(1)},
+      jnp.zeros((1, 256, 128, 3)), train=True))
+  count = reid_model.backbone_param_count(shapes["params"])
+  print(f"ViT-B/16 backbone at 256x128: {count:,} parameters")
+  assert count == 85_746_432                     # "85.7M", with the 129-token position table
+  assert nn.unbox(shapes["params"])["backbone"]["pos_embed"].shape == (1, 129, 768)
+  assert model.patch_grid == (16, 8)
+
+
+def test_training_and_inference_outputs():
+  model = reid_model.UADNet(num_classes=7, variant="mu/16", image_size=IMAGE)
+  x, variables = _init(model)
+  (logits, feat), updates = model.apply(variables, x, train=True,
+                                        rngs={"dropout": jax.random.key(2)},
+                                        mutable=["batch_stats"])
+  assert logits.shape == (4, 7) and feat.shape == (4, 64)
+  assert logits.dtype == feat.dtype == jnp.float32
+  assert set(updates["batch_stats"]["bnneck"]) == {"mean", "var"}
+  inference = model.apply(variables, x, train=False)
+  assert inference.shape == (4, 64)
+  # Inference is deterministic and needs no RNG; training with drop-path is not.
+  np.testing.assert_array_equal(inference, model.apply(variables, x, train=False))
+
+
+def test_parameters_carry_logical_axis_names():
+  model = reid_model.UADNet(num_classes=7, variant="mu/16", image_size=IMAGE)
+  _, variables = _init(model)
+  specs = nn.get_partition_spec(variables["params"])
+  assert tuple(specs["classifier"]["kernel"]) == ("embed", "classes")
+  assert tuple(specs["backbone"]["block0"]["mlp"]["fc1"]["kernel"]) == ("embed", "mlp")
+  assert tuple(specs["backbone"]["block1"]["attn"]["qkv"]["kernel"]) == ("embed", "qkv")
+  leaves = jax.tree.leaves(variables["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert all(isinstance(leaf, nn.Partitioned) for leaf in leaves)
+
+
+def test_classifier_init_and_frozen_bnneck_defaults():
+  model = reid_model.UADNet(num_classes=4000, variant="mu/16", image_size=IMAGE)
+  _, variables = _init(model)
+  params = nn.unbox(variables["params"])
+  assert set(params["classifier"]) == {"kernel"}                     # no bias
+  np.testing.assert_allclose(np.std(params["classifier"]["kernel"]), 0.001, rtol=0.02)
+  np.testing.assert_array_equal(params["bnneck"]["scale"], 1.0)
+  np.testing.assert_array_equal(params["bnneck"]["bias"], 0.0)
+
+
+def test_bnneck_follows_torch_batchnorm_per_group():
+  rng = np.random.RandomState(0)
+  x = rng.randn(12, 5).astype(np.float32) * 3 + 1
+  neck = reid_model.BNNeck(num_groups=2)
+  variables = neck.init(jax.random.key(0), jnp.asarray(x), train=True)
+  y, updates = neck.apply(variables, jnp.asarray(x), train=True, mutable=["batch_stats"])
+  groups = x.reshape(2, 6, 5).astype(np.float64)
+  mean, var = groups.mean(1, keepdims=True), groups.var(1, keepdims=True)     # biased, as torch
+  np.testing.assert_allclose(y, ((groups - mean) / np.sqrt(var + 1e-5)).reshape(12, 5),
+                             rtol=1e-4, atol=1e-5)
+  stats = updates["batch_stats"]
+  np.testing.assert_allclose(stats["mean"], 0.1 * mean.mean(axis=(0, 1)), rtol=1e-5)
+  unbiased = groups.var(1, ddof=1).mean(0)                                     # tracked unbiased
+  np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * unbiased, rtol=1e-5)
+  y_eval = neck.apply({**variables, **updates}, jnp.asarray(x), train=False)
+  np.testing.assert_allclose(
+      y_eval, (x - stats["mean"]) / np.sqrt(np.asarray(stats["var"]) + 1e-5), rtol=1e-4,
+      atol=1e-5)
+
+
+def test_mlp_uses_exact_erf_gelu():
+  mlp = vit.Mlp(hidden=8, dtype=jnp.float32)
+  x = jnp.asarray(np.random.RandomState(0).randn(3, 4) * 3, jnp.float32)
+  p = nn.unbox(mlp.init(jax.random.key(0), x)["params"])
+  h = np.asarray(x, np.float64) @ p["fc1"]["kernel"] + p["fc1"]["bias"]
+  erf = np.vectorize(math.erf)
+  want = (0.5 * h * (1 + erf(h / math.sqrt(2)))) @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+  np.testing.assert_allclose(mlp.apply({"params": p}, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_stochastic_depth_is_per_sample_and_linear_over_blocks():
+  model = vit.ViT("mu/16", IMAGE, stochastic_depth=0.5)
+  x = jnp.broadcast_to(jnp.asarray(np.random.RandomState(0).randn(1, *IMAGE, 3)),
+                       (64, *IMAGE, 3))
+  params = model.init(jax.random.key(0), x[:1])
+  out = model.apply(params, x, train=True, rngs={"dropout": jax.random.key(3)})
+  # Identical images, different per-sample drop masks: several distinct outputs. Depth 2 means
+  # rates (0, 0.5): block 0 never drops, block 1 drops its two branches independently.
+  distinct = np.unique(np.round(np.asarray(out), 4), axis=0)
+  assert 2 <= len(distinct) <= 4
+  np.testing.assert_allclose(np.linspace(0, 0.5, 2), [0.0, 0.5])
+
+
+def test_unknown_variant_and_wrong_image_size_fail_clearly():
+  with pytest.raises(ValueError, match="unknown ViT variant 'X/16'"):
+    vit.parse_variant("X/16")
+  model = vit.ViT("mu/16", IMAGE)
+  with pytest.raises(ValueError, match="built for"):
+    model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mixed_precision_products_and_their_gradients(dtype):
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(2, 5, 6), jnp.float32)
+  w = jnp.asarray(rng.randn(6, 7), jnp.float32)
+  b = jnp.asarray(rng.randn(2, 6, 3), jnp.float32)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  for fn, ref, args in [(precision.matmul, lambda a, c: a @ c, (x, w)),
+                        (precision.bmm, lambda a, c: a @ c, (x, b))]:
+    out = fn(*args, dtype)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, ref(*args), rtol=tol, atol=tol * 5)
+    grads = jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a, dtype))), argnums=(0, 1))(*args)
+    want = jax.grad(lambda *a: jnp.sum(jnp.sin(ref(*a))), argnums=(0, 1))(*args)
+    for g, r, a in zip(grads, want, args):
+      assert g.dtype == a.dtype
+      np.testing.assert_allclose(g, r, rtol=tol, atol=tol * 5)
+
+
+def test_bf16_model_tracks_fp32_features_and_gradients():
+  kwargs = dict(num_classes=7, variant="mu/16", image_size=IMAGE, stochastic_depth=0.0)
+  m32 = reid_model.UADNet(**kwargs)
+  m16 = reid_model.UADNet(**kwargs, dtype=jnp.bfloat16)
+  x, variables = _init(m32)
+  direction = jax.random.normal(jax.random.key(5), (64,))
+  logit_weights = jax.random.normal(jax.random.key(6), (4, 7)) * 100
+
+  def loss(params, model):
+    (logits, feat), _ = model.apply({**variables, "params": params}, x, train=True,
+                                    mutable=["batch_stats"])
+    return jnp.sum(feat @ direction) + jnp.sum(logits * logit_weights)
+
+  for_32, g32 = jax.value_and_grad(loss)(variables["params"], m32)
+  for_16, g16 = jax.value_and_grad(loss)(variables["params"], m16)
+  np.testing.assert_allclose(for_16, for_32, rtol=2e-2, atol=2e-2)
+  for a, b in zip(jax.tree.leaves(nn.unbox(g16)), jax.tree.leaves(nn.unbox(g32))):
+    assert a.dtype == jnp.float32
+    # bf16 products carry ~3 significant digits; the 4-sample BNNeck amplifies that a little.
+    assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 5e-2

@@ -1,0 +1,221 @@
+"""Imports ImageNet ViT checkpoints into the backbone's parameters.
+
+Formats, chosen by file suffix:
+  * ``.npz``: Google's original ViT checkpoints (the JAX origin of timm's
+    ``jx_vit_base_p16_224-80ecf9dd.pth``), keys such as
+    ``Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel``;
+  * ``.safetensors``: a timm ``vit_*_patch16_224`` state dict, read without torch;
+  * ``.pth`` / ``.pt`` / ``.bin``: the same state dict pickled by torch (torch needed for this
+    format only).
+The classification head is dropped; the position grid is resized to the model's patch grid the way
+the reference does it (bilinear, align_corners=False, no antialias).
+
+    params = pretrained.load_backbone("jx_vit_base_p16_224-80ecf9dd.pth", params)
+"""
+import dataclasses
+import os
+import re
+
+import numpy as np
+from flax import traverse_util
+
+_GOOGLE_BLOCK = re.compile(r"^Transformer/encoderblock_(\d+)/(.+)$")
+_TIMM_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+@dataclasses.dataclass
+class LoadReport:
+  """What an import did, so the caller can log it (and tests can check it)."""
+  loaded: list[str]
+  missing: list[str]       # backbone parameters the checkpoint did not provide
+  unexpected: list[str]    # checkpoint tensors that map to nothing (e.g. the ImageNet head)
+  pos_embed_resized: tuple[tuple[int, int], tuple[int, int]] | None
+
+  def __str__(self):
+    lines = [f"loaded {len(self.loaded)} tensors"]
+    if self.pos_embed_resized:
+      (a, b), (c, d) = self.pos_embed_resized
+      lines.append(f"position grid resized {a}x{b} -> {c}x{d}")
+    lines.append(f"missing ({len(self.missing)}): {self.missing}")
+    lines.append(f"unexpected, dropped ({len(self.unexpected)}): {self.unexpected}")
+    return "\n".join(lines)
+
+
+def resize_bilinear(grid: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+  """[H, W, C] → [h, w, C] as torch's ``F.interpolate(mode='bilinear', align_corners=False)``.
+
+  Written out rather than taken from ``jax.image.resize``, which antialiases when downsampling
+  unless told otherwise; this is the exact torch rule (half-pixel centres, clamped at 0).
+  """
+  out = np.asarray(grid, np.float64)
+  for axis, size in enumerate(out_hw):
+    n_in = out.shape[axis]
+    src = np.maximum((np.arange(size) + 0.5) * (n_in / size) - 0.5, 0.0)
+    lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = (src - lo).reshape([-1 if a == axis else 1 for a in range(out.ndim)])
+    out = np.take(out, lo, axis=axis) * (1 - frac) + np.take(out, hi, axis=axis) * frac
+  return out.astype(grid.dtype)
+
+
+def _from_google(name: str, x: np.ndarray):
+  """Google npz name → (our backbone path, array), or None for tensors we do not use."""
+  name = name.removeprefix("opt/target/")
+  simple = {
+      "embedding/kernel": "patch_embed/kernel", "embedding/bias": "patch_embed/bias",
+      "cls": "cls_token", "Transformer/posembed_input/pos_embedding": "pos_embed",
+      "Transformer/encoder_norm/scale": "norm/scale", "Transformer/encoder_norm/bias": "norm/bias",
+  }
+  if name in simple:
+    if name == "embedding/kernel":  # HWIO conv kernel → [(ph, pw, c), width]
+      x = x.reshape(-1, x.shape[-1])
+    return simple[name], x
+  m = _GOOGLE_BLOCK.match(name)
+  if not m:
+    return None
+  block, rest = f"block{m.group(1)}", m.group(2)
+  per_block = {
+      "LayerNorm_0/scale": "norm1/scale", "LayerNorm_0/bias": "norm1/bias",
+      "LayerNorm_2/scale": "norm2/scale", "LayerNorm_2/bias": "norm2/bias",
+      "MlpBlock_3/Dense_0/kernel": "mlp/fc1/kernel", "MlpBlock_3/Dense_0/bias": "mlp/fc1/bias",
+      "MlpBlock_3/Dense_1/kernel": "mlp/fc2/kernel", "MlpBlock_3/Dense_1/bias": "mlp/fc2/bias",
+      "MultiHeadDotProductAttention_1/out/kernel": "attn/proj/kernel",
+      "MultiHeadDotProductAttention_1/out/bias": "attn/proj/bias",
+  }
+  if rest in per_block:
+    if rest.endswith("out/kernel"):  # [heads, head_dim, width] → [width, width]
+      x = x.reshape(-1, x.shape[-1])
+    return f"{block}/{per_block[rest]}", x
+  return None  # query/key/value are fused by _fuse_google_qkv
+
+
+def _fuse_google_qkv(arrays: dict, used: set) -> dict:
+  """Google keeps q, k, v apart as [width, heads, head_dim]; ours is one [width, 3·width]."""
+  fused = {}
+  prefix = "opt/target/" if any(k.startswith("opt/target/") for k in arrays) else ""
+  i = 0
+  while True:
+    base = f"{prefix}Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/"
+    names = {(p, kind): f"{base}{p}/{kind}" for p in ("query", "key", "value")
+             for kind in ("kernel", "bias")}
+    if not all(n in arrays for n in names.values()):
+      return fused
+    kernels = [arrays[names[(p, "kernel")]] for p in ("query", "key", "value")]
+    biases = [arrays[names[(p, "bias")]] for p in ("query", "key", "value")]
+    fused[f"block{i}/attn/qkv/kernel"] = np.concatenate(
+        [k.reshape(k.shape[0], -1) for k in kernels], axis=1)
+    fused[f"block{i}/attn/qkv/bias"] = np.concatenate([b.reshape(-1) for b in biases])
+    used.update(names.values())
+    i += 1
+
+
+def _from_timm(name: str, x: np.ndarray):
+  """timm state-dict name → (our backbone path, array), or None for tensors we do not use."""
+  simple = {"cls_token": "cls_token", "pos_embed": "pos_embed",
+            "norm.weight": "norm/scale", "norm.bias": "norm/bias",
+            "patch_embed.proj.bias": "patch_embed/bias"}
+  if name in simple:
+    return simple[name], x
+  if name == "patch_embed.proj.weight":  # OIHW conv → [(ph, pw, c), width]
+    return "patch_embed/kernel", x.transpose(2, 3, 1, 0).reshape(-1, x.shape[0])
+  m = _TIMM_BLOCK.match(name)
+  if not m:
+    return None
+  block, rest = f"block{m.group(1)}", m.group(2)
+  layer, _, kind = rest.rpartition(".")
+  if layer in ("norm1", "norm2"):
+    return f"{block}/{layer}/{'scale' if kind == 'weight' else 'bias'}", x
+  if layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
+    path = f"{block}/{layer.replace('.', '/')}"
+    return (f"{path}/kernel", x.T) if kind == "weight" else (f"{path}/bias", x)
+  return None
+
+
+def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], str]:
+  """Reads a checkpoint file into {name: array}; returns it and the naming ('google'/'timm')."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
+  if path.endswith(".npz"):
+    with np.load(path) as f:
+      return {k: f[k] for k in f.files}, "google"
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import load_file
+    return load_file(path), "timm"
+  if path.endswith(_TORCH_SUFFIXES):
+    try:
+      import torch
+    except ImportError as e:
+      raise ImportError(
+          f"{path} is a torch pickle and torch is not installed. Install torch, or convert the "
+          "file once to .safetensors (safetensors.torch.save_file(state_dict, ...)).") from e
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):
+      if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
+        state = state[wrapper]
+    return {k: v.float().numpy() for k, v in state.items() if hasattr(v, "numpy")}, "timm"
+  raise ValueError(f"unknown checkpoint format for {path}: expected .npz (Google ViT), "
+                   f".safetensors or .pth/.pt/.bin (timm state dict)")
+
+
+def convert(arrays: dict[str, np.ndarray], naming: str) -> tuple[dict[str, np.ndarray], list]:
+  """Checkpoint tensors → our backbone paths. Returns (converted, unexpected names)."""
+  converted, used = {}, set()
+  if naming == "google":
+    converted.update(_fuse_google_qkv(arrays, used))
+  rename = _from_google if naming == "google" else _from_timm
+  for name, x in arrays.items():
+    if name in used:
+      continue
+    mapped = rename(name, np.asarray(x))
+    if mapped is None:
+      continue
+    converted[mapped[0]] = mapped[1]
+    used.add(name)
+  return converted, sorted(set(arrays) - used)
+
+
+def resize_pos_embed(pos: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
+  """[1, 1+S·S, D] → [1, 1+h·w, D]: the CLS slot is kept, the square S×S grid is resized."""
+  side = int(round((pos.shape[1] - 1)**0.5))
+  if side * side != pos.shape[1] - 1:
+    raise ValueError(f"position embedding {pos.shape} has no square patch grid")
+  grid = resize_bilinear(pos[0, 1:].reshape(side, side, -1), grid_hw)
+  return np.concatenate([pos[:, :1], grid.reshape(1, grid_hw[0] * grid_hw[1], -1)], axis=1)
+
+
+def load_backbone(path: str, params, *, grid_hw: tuple[int, int] | None = None,
+                  log=print):
+  """Returns ``(params with the backbone replaced by the checkpoint's, LoadReport)``.
+
+  ``params`` is the model's (unboxed) parameter tree or its abstract shapes; leaves outside
+  ``backbone`` are returned as given. ``grid_hw`` is the model's patch grid (H/16, W/16), needed
+  when the checkpoint's grid differs (16×8 for 256×128 images from a 14×14 checkpoint).
+  """
+  arrays, naming = read_checkpoint(path)
+  converted, unexpected = convert(arrays, naming)
+  flat = traverse_util.flatten_dict(params, sep="/")
+  targets = {k.removeprefix("backbone/"): v for k, v in flat.items() if k.startswith("backbone/")}
+  resized = None
+  if "pos_embed" in converted and "pos_embed" in targets:
+    pos, want = converted["pos_embed"], tuple(targets["pos_embed"].shape)
+    if pos.shape != want:
+      if grid_hw is None or 1 + grid_hw[0] * grid_hw[1] != want[1]:
+        raise ValueError(f"{path}: position embedding {pos.shape} must be resized to {want}; "
+                         f"grid_hw={grid_hw} does not give {want[1] - 1} patches")
+      side = int(round((pos.shape[1] - 1)**0.5))
+      converted["pos_embed"] = resize_pos_embed(pos, grid_hw)
+      resized = ((side, side), tuple(grid_hw))
+  for name, x in converted.items():
+    if name in targets and tuple(x.shape) != tuple(targets[name].shape):
+      raise ValueError(f"{path}: tensor for backbone/{name} has shape {tuple(x.shape)}, "
+                       f"the model expects {tuple(targets[name].shape)}")
+  unexpected += [f"(converted) {n}" for n in sorted(set(converted) - set(targets))]
+  report = LoadReport(loaded=sorted(set(converted) & set(targets)),
+                      missing=sorted(set(targets) - set(converted)),
+                      unexpected=unexpected, pos_embed_resized=resized)
+  for name in report.loaded:
+    flat[f"backbone/{name}"] = converted[name].astype(np.float32)
+  if log:
+    log(f"pretrained {path} ({naming}):\n{report}")
+  return traverse_util.unflatten_dict(flat, sep="/"), report

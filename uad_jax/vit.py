@@ -1,0 +1,153 @@
+"""Vision Transformer backbone (pre-norm, CLS token, learned position embedding).
+
+Parameters are fp32 and carry logical axis names; the sharding rules that map them to a mesh are
+config data (``uad_jax.sharding``). ``dtype`` selects the compute dtype of the matrix products only
+(``uad_jax.precision``); the residual stream, LayerNorms and softmax stay fp32.
+"""
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from uad_jax import precision
+
+# width, depth, heads, mlp width. "mu" is a tiny model for CPU tests and the synthetic demo.
+VARIANTS = {
+    "mu": (64, 2, 2, 128),
+    "Ti": (192, 12, 3, 768),
+    "S": (384, 12, 6, 1536),
+    "B": (768, 12, 12, 3072),
+}
+
+# Logical axis names. Activations get names of their own so that an FSDP rule on parameter
+# axes never shards activations by accident.
+BATCH, TOKENS, ACT_EMBED = "act_batch", "act_tokens", "act_embed"
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTShape:
+  width: int
+  depth: int
+  heads: int
+  mlp_dim: int
+  patch: int
+
+
+def parse_variant(variant: str) -> ViTShape:
+  """'B/16' → ViTShape. Raises with the known names on a typo."""
+  name, _, patch = variant.partition("/")
+  if name not in VARIANTS or not patch.isdigit():
+    raise ValueError(f"unknown ViT variant {variant!r}; expected one of "
+                     f"{[k + '/16' for k in VARIANTS]}")
+  return ViTShape(*VARIANTS[name], patch=int(patch))
+
+
+def _kernel_init(axes):
+  return nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), axes)
+
+
+def _zeros(axes):
+  return nn.with_logical_partitioning(nn.initializers.zeros, axes)
+
+
+class Dense(nn.Module):
+  """Linear layer whose product runs in ``dtype`` (fp32 result), fp32 kernel and bias."""
+  features: int
+  axes: tuple[str, str]
+  dtype: Any = jnp.float32
+  use_bias: bool = True
+  kernel_init: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    init = self.kernel_init or _kernel_init(self.axes)
+    kernel = self.param("kernel", init, (x.shape[-1], self.features))
+    y = precision.matmul(x, kernel, self.dtype)
+    if self.use_bias:
+      y = y + self.param("bias", _zeros(self.axes[1:]), (self.features,))
+    return y
+
+
+def _layer_norm(name):
+  return nn.LayerNorm(
+      epsilon=1e-6, dtype=jnp.float32, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+      bias_init=_zeros(("embed",)))
+
+
+class Attention(nn.Module):
+  heads: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    b, n, d = x.shape
+    head_dim = d // self.heads
+    qkv = Dense(3 * d, ("embed", "qkv"), self.dtype, name="qkv")(x)
+    qkv = qkv.reshape(b, n, 3, self.heads, head_dim).transpose(2, 0, 3, 1, 4)  # [3, B, H, N, hd]
+    q, k, v = qkv[0] * head_dim**-0.5, qkv[1], qkv[2]
+    attn = jax.nn.softmax(precision.bmm(q, k.swapaxes(-1, -2), self.dtype), axis=-1)
+    out = precision.bmm(attn, v, self.dtype).transpose(0, 2, 1, 3).reshape(b, n, d)
+    return Dense(d, ("heads", "embed"), self.dtype, name="proj")(out)
+
+
+class Mlp(nn.Module):
+  hidden: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    h = Dense(self.hidden, ("embed", "mlp"), self.dtype, name="fc1")(x)
+    h = jax.nn.gelu(h, approximate=False)  # exact erf GELU, as timm's nn.GELU
+    return Dense(x.shape[-1], ("mlp", "embed"), self.dtype, name="fc2")(h)
+
+
+class Block(nn.Module):
+  heads: int
+  mlp_dim: int
+  drop_path: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    # Stochastic depth: drop the whole residual branch per sample, scaled by 1/keep.
+    drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), deterministic=not train)
+    x = x + drop(Attention(self.heads, self.dtype, name="attn")(_layer_norm("norm1")(x)))
+    x = x + drop(Mlp(self.mlp_dim, self.dtype, name="mlp")(_layer_norm("norm2")(x)))
+    return nn.with_logical_constraint(x, (BATCH, TOKENS, ACT_EMBED))
+
+
+class ViT(nn.Module):
+  """Maps NHWC images to the final-LayerNorm CLS token (fp32)."""
+  variant: str = "B/16"
+  image_size: tuple[int, int] = (256, 128)
+  stochastic_depth: float = 0.1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    shape = parse_variant(self.variant)
+    b, h, w, c = images.shape
+    p = shape.patch
+    if (h, w) != tuple(self.image_size):
+      raise ValueError(f"images are {h}×{w}, the model was built for {self.image_size}")
+    gh, gw = h // p, w // p
+    # Stride-p patch embedding as a product: (ph, pw, c) flattening matches an HWIO conv kernel.
+    patches = images.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(b, gh * gw, p * p * c)
+    x = Dense(shape.width, ("patch", "embed"), self.dtype, name="patch_embed",
+              kernel_init=nn.with_logical_partitioning(
+                  nn.initializers.lecun_normal(), ("patch", "embed")))(patches)
+    cls = self.param("cls_token", nn.with_logical_partitioning(
+        nn.initializers.normal(1e-6), (None, None, "embed")), (1, 1, shape.width))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, shape.width)), x], axis=1)
+    pos = self.param("pos_embed", nn.with_logical_partitioning(
+        nn.initializers.truncated_normal(0.02), (None, "tokens", "embed")),
+        (1, 1 + gh * gw, shape.width))
+    x = nn.with_logical_constraint(x + pos, (BATCH, TOKENS, ACT_EMBED))
+    for i, rate in enumerate(np.linspace(0.0, self.stochastic_depth, shape.depth)):
+      x = Block(shape.heads, shape.mlp_dim, float(rate), self.dtype, name=f"block{i}")(x, train)
+    return _layer_norm("norm")(x[:, 0])
