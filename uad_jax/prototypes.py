@@ -13,6 +13,7 @@ def update(prototypes: jax.Array, center_ids: jax.Array, centers: jax.Array,
   group). Rows of absent ids are untouched; a zero row becomes c̄. Only the n present rows are
   gathered and scattered, never a temporary of the memory's size.
   """
+  prototypes = jnp.asarray(prototypes)
   centers = losses.at_least_f32(jax.lax.stop_gradient(centers))
   same_id = (center_ids[:, None] == center_ids[None, :]).astype(jnp.float32)
   mean_centers = losses.l2_normalize(

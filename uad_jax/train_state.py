@@ -1,0 +1,137 @@
+"""The one explicit training state, created already sharded.
+
+Shapes come before arrays: the state's abstract shapes give its shardings (from the logical axis
+rules), and a jitted init with those ``out_shardings`` writes every array straight into its shards,
+so nothing full-size is materialised on one device (the 10^6-identity classifier and memory
+included).
+"""
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from flax import traverse_util
+from jax.sharding import PartitionSpec
+
+from uad_jax import optim, pretrained, reid_model, sharding
+
+LOSS_TERMS = {"base": (), "base+proca": ("proca",), "base+gpd": ("gpd",),
+              "uad": ("proca", "gpd")}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """The static settings of a train step (hashable: part of the jitted step's cache key)."""
+  loss: str
+  num_replicas: int
+  modalities: int
+  instances: int
+  proca_weight: float
+  gpd_weight: float
+  gpd_tau: float
+  prototype_momentum: float
+  lr_schedules: tuple[tuple[str, Callable], ...]
+
+  @property
+  def terms(self) -> tuple[str, ...]:
+    return LOSS_TERMS[self.loss]
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  prototypes: jax.Array          # [num_ids, dim] fp32 GPD memory; zero rows = never seen
+  rng: jax.Array
+  model: reid_model.UADNet = struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = struct.field(pytree_node=False)
+  step_config: StepConfig = struct.field(pytree_node=False)
+
+
+def build_model(config, num_classes: int) -> reid_model.UADNet:
+  return reid_model.UADNet(
+      num_classes=num_classes, variant=config.model.variant,
+      image_size=tuple(config.model.image_size),
+      stochastic_depth=config.model.stochastic_depth, dtype=jnp.dtype(config.model.dtype),
+      bn_groups=config.num_replicas)
+
+
+def step_config(config, steps_per_epoch: int) -> StepConfig:
+  if config.loss.name not in LOSS_TERMS:
+    raise ValueError(f"config.loss.name={config.loss.name!r}; expected one of {list(LOSS_TERMS)}")
+  schedules = optim.group_schedules(config.optim, config.num_replicas, steps_per_epoch)
+  return StepConfig(
+      loss=config.loss.name, num_replicas=config.num_replicas,
+      modalities=config.sampler.modalities, instances=config.sampler.instances,
+      proca_weight=config.loss.proca_weight, gpd_weight=config.loss.gpd_weight,
+      gpd_tau=config.loss.gpd_tau, prototype_momentum=config.loss.prototype_momentum,
+      lr_schedules=tuple(sorted(schedules.items())))
+
+
+def _init_variables(model, rng):
+  image = jnp.zeros((model.bn_groups, *model.image_size, 3), jnp.float32)
+  params_rng, dropout_rng = jax.random.split(rng)
+  return model.init({"params": params_rng, "dropout": dropout_rng}, image, train=True)
+
+
+def create_train_state(config, num_classes: int, steps_per_epoch: int, mesh,
+                       rng: jax.Array | None = None, log=print):
+  """Returns ``(state, state_shardings)`` with every array already in its shards."""
+  if num_classes < 1:
+    raise ValueError(f"num_classes must be ≥ 1, got {num_classes}")
+  model = build_model(config, num_classes)
+  rng = jax.random.key(config.seed) if rng is None else rng
+  boxed = jax.eval_shape(lambda r: _init_variables(model, r), rng)
+  abstract_params = nn.unbox(boxed["params"])
+  tx = optim.make_optimizer(config.optim, abstract_params, config.num_replicas, steps_per_epoch)
+  width = abstract_params["classifier"]["kernel"].shape[0]
+  static = step_config(config, steps_per_epoch)
+
+  def init(rng):
+    variables = _init_variables(model, rng)
+    params = nn.unbox(variables["params"])
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
+        opt_state=tx.init(params),
+        prototypes=jnp.zeros((num_classes, width), jnp.float32),
+        rng=jax.random.fold_in(rng, 1), model=model, tx=tx, step_config=static)
+
+  abstract = jax.eval_shape(init, rng)
+  rules = config.sharding_rules
+  repl = sharding.replicated(mesh)
+  param_shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed["params"]), mesh,
+                                                 rules)
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, abstract.opt_state, param_shardings,
+      transform_non_params=lambda _: repl,
+      is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+  shardings = abstract.replace(
+      step=repl, params=param_shardings,
+      batch_stats=jax.tree.map(lambda _: repl, abstract.batch_stats),
+      opt_state=opt_shardings,
+      prototypes=sharding.logical_to_sharding(PartitionSpec(*sharding.PROTOTYPE_AXES), mesh,
+                                              rules),
+      rng=repl)
+  state = jax.jit(init, out_shardings=shardings)(rng)
+  if config.pretrained:
+    state = state.replace(params=_load_pretrained(config.pretrained, model, abstract_params,
+                                                  state.params, param_shardings, log))
+  return state, shardings
+
+
+def _load_pretrained(path, model, abstract_params, params, param_shardings, log):
+  """Backbone from an ImageNet checkpoint, each tensor placed directly into its shards."""
+  loaded, _ = pretrained.load_backbone(path, abstract_params, grid_hw=model.patch_grid, log=log)
+  flat_loaded = traverse_util.flatten_dict(loaded)
+  flat_params = traverse_util.flatten_dict(params)
+  flat_shardings = traverse_util.flatten_dict(param_shardings)
+  for key, value in flat_loaded.items():
+    if isinstance(value, np.ndarray):
+      flat_params[key] = jax.device_put(value, flat_shardings[key])
+  return traverse_util.unflatten_dict(flat_params)
