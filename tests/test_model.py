@@ -97,6 +97,14 @@ def test_mlp_uses_exact_erf_gelu():
   np.testing.assert_allclose(mlp.apply({"params": p}, x), want, rtol=1e-5, atol=1e-5)
 
 
+def test_gelu_derivative_is_phi_plus_x_pdf():
+  x = np.linspace(-8, 8, 161)
+  erf = np.vectorize(math.erf)
+  want = 0.5 * (1 + erf(x / math.sqrt(2))) + x * np.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+  got = jax.vmap(jax.grad(vit.gelu))(jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(got, want, atol=1e-6)
+
+
 def test_stochastic_depth_is_per_sample_and_linear_over_blocks():
   model = vit.ViT("mu/16", IMAGE, stochastic_depth=0.5)
   x = jnp.broadcast_to(jnp.asarray(np.random.RandomState(0).randn(1, *IMAGE, 3)),

@@ -94,6 +94,29 @@ class Attention(nn.Module):
     return Dense(d, ("heads", "embed"), self.dtype, name="proj")(out)
 
 
+@jax.custom_jvp
+def gelu(x):
+  """Exact GELU, x·Φ(x), written with erf as torch's nn.GELU is.
+
+  ``jax.nn.gelu(approximate=False)`` goes through erfc, whose piecewise XLA expansion (and its
+  derivative) is several times dearer on the CPU than erf's single rational approximation. The
+  derivative Φ(x) + x·φ(x) is stated directly so the backward pass reuses Φ.
+  """
+  return x * (0.5 + 0.5 * jax.lax.erf(x * _SQRT_HALF))
+
+
+@gelu.defjvp
+def _gelu_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  cdf = 0.5 + 0.5 * jax.lax.erf(x * _SQRT_HALF)
+  pdf = jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
+  return x * cdf, (cdf + x * pdf) * t
+
+
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
 class Mlp(nn.Module):
   hidden: int
   dtype: Any
@@ -101,7 +124,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     h = Dense(self.hidden, ("embed", "mlp"), self.dtype, name="fc1")(x)
-    h = jax.nn.gelu(h, approximate=False)  # exact erf GELU, as timm's nn.GELU
+    h = gelu(h)
     return Dense(x.shape[-1], ("mlp", "embed"), self.dtype, name="fc2")(h)
 
 
