@@ -78,5 +78,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       ("classes", "model"),
   )
   c.eval_every_epochs = 10 if reference else 2  # evaluation period in epochs
+  c.eval_batch_size = 256                    # images per inference step during evaluation
+  c.camera_rule = "sysu"                     # gallery exclusion: sysu | market | none (spec §7)
+  c.missing_modality = "error"               # train ids lacking a modality: error | drop
+  c.data_workers = 0                         # decode/augment worker processes per host
+  c.data_threads = 2                         # decode/augment threads per process
   c.lock()
   return c

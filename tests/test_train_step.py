@@ -196,6 +196,18 @@ def test_schedule_matches_the_spec_table():
   assert optim.base_lr(uad.get_config("whumars2337").optim, 4) == pytest.approx(0.032)
 
 
+def test_schedule_follows_epochs_of_different_lengths():
+  config = uad.get_config("whumars1000")
+  lengths = (3, 5, 2) + (4,) * 117
+  schedules = optim.group_schedules(config.optim, 1, steps_per_epoch=lengths)
+  starts = np.concatenate([[0], np.cumsum(lengths)])
+  for e in (1, 2, 3, 4, 120):
+    for step in (starts[e - 1], starts[e] - 1):
+      np.testing.assert_allclose(schedules["weight"](step), np_lr(e, 0.008, 0.008), rtol=1e-5)
+  with pytest.raises(ValueError, match="every epoch needs"):
+    optim.group_schedules(config.optim, 1, steps_per_epoch=(3, 0, 2))
+
+
 def test_three_steps_match_torch_sgd_with_coupled_decay_and_clipping():
   config = uad.get_config("whumars1000")
   rng = np.random.RandomState(0)
@@ -230,3 +242,10 @@ def test_three_steps_match_torch_sgd_with_coupled_decay_and_clipping():
   for n in names:
     np.testing.assert_allclose(got[n], ref[n], rtol=1e-5, atol=1e-7, err_msg=n)
   np.testing.assert_array_equal(got["bnneck/bias"], 0.0)
+
+
+def test_an_indivisible_identity_count_names_the_array_and_the_settings():
+  config = _config(mesh=(4, 2))
+  with pytest.raises(ValueError, match=r"\['classifier'\]\['kernel'\] has a dimension of 15.*"
+                                       r"config.num_classes"):
+    train_state.create_train_state(config, 15, 5, sharding.make_mesh(config.mesh))

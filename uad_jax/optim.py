@@ -6,9 +6,11 @@ global L2 norm, add ``weight_decay·param`` to the gradient of every trained par
 whose name contains "bias" form a group with twice the learning rate.
 """
 import math
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import traverse_util
 
@@ -41,16 +43,26 @@ def base_lr(optim_config, num_replicas: int) -> float:
   return optim_config.lr_per_replica * num_replicas
 
 
-def group_schedules(optim_config, num_replicas: int, steps_per_epoch: int):
+def epoch_of_step(steps_per_epoch: int | Sequence[int], epochs: int):
+  """step (0-based) → epoch (1-based). Epochs may differ in length: the P×M×K sampler's step
+  count depends on the order identities are drawn in, so it is planned per epoch."""
+  if isinstance(steps_per_epoch, int):
+    steps_per_epoch = (steps_per_epoch,) * epochs
+  if not steps_per_epoch or min(steps_per_epoch) < 1:
+    raise ValueError(f"every epoch needs ≥ 1 step, got steps_per_epoch={steps_per_epoch}")
+  ends = jnp.asarray(np.cumsum(steps_per_epoch), jnp.int32)
+  return lambda step: jnp.searchsorted(ends, step, side="right") + 1
+
+
+def group_schedules(optim_config, num_replicas: int, steps_per_epoch: int | Sequence[int]):
   """{label: step → lr}, stepped once per epoch like the reference's scheduler."""
-  if steps_per_epoch < 1:
-    raise ValueError(f"steps_per_epoch must be ≥ 1, got {steps_per_epoch}")
+  epoch_of = epoch_of_step(steps_per_epoch, optim_config.epochs)
   base = base_lr(optim_config, num_replicas)
   kw = dict(epochs=optim_config.epochs, warmup_epochs=optim_config.warmup_epochs,
             warmup_factor=optim_config.warmup_factor, min_lr_factor=optim_config.min_lr_factor)
 
   def schedule(group_base):
-    return lambda step: epoch_lr(step // steps_per_epoch + 1, group_base, base, **kw)
+    return lambda step: epoch_lr(epoch_of(step), group_base, base, **kw)
 
   return {WEIGHT: schedule(base), BIAS: schedule(base * optim_config.bias_lr_factor)}
 
@@ -67,7 +79,7 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
 
 
 def make_optimizer(optim_config, params, num_replicas: int,
-                   steps_per_epoch: int) -> optax.GradientTransformation:
+                   steps_per_epoch: int | Sequence[int]) -> optax.GradientTransformation:
   labels = param_labels(params)
   frozen = jax.tree.map(lambda label: label == FROZEN, labels)
   trained = jax.tree.map(lambda f: not f, frozen)

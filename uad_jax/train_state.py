@@ -62,7 +62,7 @@ def build_model(config, num_classes: int) -> reid_model.UADNet:
       bn_groups=config.num_replicas)
 
 
-def step_config(config, steps_per_epoch: int) -> StepConfig:
+def step_config(config, steps_per_epoch) -> StepConfig:
   if config.loss.name not in LOSS_TERMS:
     raise ValueError(f"config.loss.name={config.loss.name!r}; expected one of {list(LOSS_TERMS)}")
   schedules = optim.group_schedules(config.optim, config.num_replicas, steps_per_epoch)
@@ -80,9 +80,12 @@ def _init_variables(model, rng):
   return model.init({"params": params_rng, "dropout": dropout_rng}, image, train=True)
 
 
-def create_train_state(config, num_classes: int, steps_per_epoch: int, mesh,
+def create_train_state(config, num_classes: int, steps_per_epoch, mesh,
                        rng: jax.Array | None = None, log=print):
-  """Returns ``(state, state_shardings)`` with every array already in its shards."""
+  """Returns ``(state, state_shardings)`` with every array already in its shards.
+
+  ``steps_per_epoch``: one count, or one per epoch (the sampler plans each epoch's length).
+  """
   if num_classes < 1:
     raise ValueError(f"num_classes must be ≥ 1, got {num_classes}")
   model = build_model(config, num_classes)
@@ -118,11 +121,33 @@ def create_train_state(config, num_classes: int, steps_per_epoch: int, mesh,
       prototypes=sharding.logical_to_sharding(PartitionSpec(*sharding.PROTOTYPE_AXES), mesh,
                                               rules),
       rng=repl)
+  _check_divisible(abstract, shardings, config)
   state = jax.jit(init, out_shardings=shardings)(rng)
   if config.pretrained:
     state = state.replace(params=_load_pretrained(config.pretrained, model, abstract_params,
                                                   state.params, param_shardings, log))
   return state, shardings
+
+
+def _check_divisible(abstract, shardings, config):
+  """Every sharded dimension must split evenly; say which array and which settings."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
+    sharding_ = _leaf_at(shardings, path)
+    for dim, axes in zip(leaf.shape, sharding_.spec):
+      axes = (axes,) if isinstance(axes, str) else (axes or ())
+      parts = int(np.prod([sharding_.mesh.shape[a] for a in axes]))
+      if dim % parts:
+        raise ValueError(
+            f"{jax.tree_util.keystr(path)} has a dimension of {dim}, which the mesh axes {axes} "
+            f"(config.mesh={tuple(config.mesh)}, {parts} parts) do not divide; change "
+            f"config.mesh, config.sharding_rules or config.num_classes")
+
+
+def _leaf_at(tree, path):
+  for key in path:
+    tree = tree[key.key] if hasattr(key, "key") else (
+        getattr(tree, key.name) if hasattr(key, "name") else tree[key.idx])
+  return tree
 
 
 def _load_pretrained(path, model, abstract_params, params, param_shardings, log):
