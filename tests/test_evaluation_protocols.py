@@ -1,0 +1,135 @@
+"""Protocol cells (spec §7) on a small synthetic metadata set, and the report files."""
+import json
+
+import numpy as np
+import pytest
+
+from uad_jax import evaluation, evaluation_protocols, evaluation_report
+from uad_jax.evaluation_protocols import ARROW, MODALITIES, SCENARIOS, RetrievalSide
+
+GROUND_CAMS, AERIAL_CAMS = (0, 1, 2, 3, 4), (5, 6)
+
+
+def synthetic_side(seed, size, num_ids=8, dim=8):
+  """Identity clusters with a per-modality and per-camera shift; viewpoint from the camera."""
+  rng = np.random.RandomState(seed)
+  ids = rng.randint(0, num_ids, size)
+  cams = rng.randint(0, len(GROUND_CAMS) + len(AERIAL_CAMS), size)
+  modalities = rng.randint(0, len(MODALITIES), size)
+  shared = np.random.RandomState(0)  # the same centres and shifts for query and gallery
+  centres, modality_shift = shared.randn(num_ids, dim), shared.randn(len(MODALITIES), dim)
+  feats = centres[ids] + 0.6 * modality_shift[modalities] + 0.7 * rng.randn(size, dim)
+  return RetrievalSide(feats.astype(np.float32), ids, cams, modalities,
+                       np.isin(cams, AERIAL_CAMS).astype(int))
+
+
+QUERY, GALLERY = synthetic_side(1, 90), synthetic_side(2, 300)
+
+
+@pytest.fixture(scope="module")
+def exact():
+  return evaluation_protocols.evaluate_protocols(QUERY, GALLERY, max_rank=20)
+
+
+@pytest.fixture(scope="module")
+def truncated():
+  return evaluation_protocols.evaluate_protocols(QUERY, GALLERY, max_rank=20, top_k=12)
+
+
+def test_cells_of_every_protocol(exact):
+  cells = exact["protocols"]
+  assert list(cells) == ["as_reid", "modality", "viewpoint", "scenario", "cross_spectral"]
+  assert [len(cells[p]) for p in cells] == [1, 9, 2, 36, 6]
+  assert set(cells["viewpoint"]) == {f"aerial{ARROW}ground", f"ground{ARROW}aerial"}
+  assert f"TIR{ARROW}RGB" in cells["cross_spectral"] and f"RGB{ARROW}RGB" not in cells[
+      "cross_spectral"]
+  assert cells["as_reid"][f"all{ARROW}all"]["num_queries"] == 90
+  for q, g in [(0, 2), (1, 1)]:
+    cell = cells["modality"][f"{MODALITIES[q]}{ARROW}{MODALITIES[g]}"]
+    assert cell["num_queries"] == np.sum(QUERY.modalities == q)
+    assert cell["num_gallery"] == np.sum(GALLERY.modalities == g)
+  for scenario in range(len(SCENARIOS)):
+    cell = cells["scenario"][f"{SCENARIOS[scenario]}{ARROW}{SCENARIOS[-1]}"]
+    assert cell["num_queries"] == np.sum(QUERY.scenarios == scenario)
+  assert sum(cells["scenario"][f"{s}{ARROW}{t}"]["num_gallery"]
+             for s in SCENARIOS for t in SCENARIOS[:1]) == 6 * np.sum(GALLERY.scenarios == 0)
+
+
+def test_a_cell_is_evaluate_on_its_subsets(exact):
+  q = QUERY.subset(QUERY.modalities == 2)
+  g = GALLERY.subset(GALLERY.modalities == 0)
+  direct = evaluation.evaluate(q.feats, g.feats, q.ids, g.ids, q.cams, g.cams, max_rank=20)
+  cell = exact["protocols"]["cross_spectral"][f"TIR{ARROW}RGB"]
+  assert cell["mAP"] == direct["mAP"] and cell["num_valid_queries"] == direct["num_valid_queries"]
+  np.testing.assert_array_equal(cell["cmc"], direct["cmc"])
+
+
+def test_truncated_cells_are_labelled_and_at_most_exact(exact, truncated):
+  assert exact["truncated_top_k"] is None and truncated["truncated_top_k"] == 12
+  for protocol, cells in exact["protocols"].items():
+    for name, cell in cells.items():
+      cut = truncated["protocols"][protocol][name]
+      assert cut["truncated_top_k"] == 12
+      assert cut["num_valid_queries"] == cell["num_valid_queries"]
+      if cell["num_valid_queries"]:
+        assert cut["mAP"] <= cell["mAP"] + 1e-7 and cut["mINP"] <= cell["mINP"] + 1e-7
+  whole = exact["protocols"]["as_reid"][f"all{ARROW}all"]
+  assert truncated["protocols"]["as_reid"][f"all{ARROW}all"]["mAP"] < whole["mAP"]
+
+
+@pytest.mark.parametrize("results_name", ["exact", "truncated"])
+def test_report_files(results_name, request, tmp_path):
+  results = request.getfixturevalue(results_name)
+  written = evaluation_report.write_report(results, tmp_path, print_table=False)
+  table = written["table"]
+  assert ("TRUNCATED top-12" in table) == (results_name == "truncated")
+  assert len(table.splitlines()) == 3 + 1 + 9 + 2 + 36 + 6
+  assert f"TIR{ARROW}RGB" in table
+
+  def no_nan(token):
+    raise ValueError(f"{token} in strict JSON")
+
+  with open(written["json"], encoding="utf-8") as f:
+    loaded = json.load(f, parse_constant=no_nan)
+  assert ("TRUNCATED" in loaded["mode"]) == (results_name == "truncated")
+  as_reid = loaded["protocols"]["as_reid"][f"all{ARROW}all"]
+  assert len(as_reid["cmc"]) == 20 and 0 <= as_reid["mAP"] <= 1
+  for key in ("cmc", "modality", "scenario"):
+    with open(written[key], "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_empty_cells_are_reported_as_missing(tmp_path):
+  # No aerial query: aerial→ground has no query; its metrics are NaN, written as null / n/a.
+  ground_only = QUERY.subset(QUERY.viewpoints == 0)
+  results = evaluation_protocols.evaluate_protocols(ground_only, GALLERY, max_rank=10)
+  cell = results["protocols"]["viewpoint"][f"aerial{ARROW}ground"]
+  assert cell["num_queries"] == 0 and np.isnan(cell["mAP"])
+  assert "n/a" in evaluation_report.format_table(results)
+  path = evaluation_report.write_json(results, tmp_path / "r.json")
+  with open(path, encoding="utf-8") as f:
+    assert json.load(f)["protocols"]["viewpoint"][f"aerial{ARROW}ground"]["mAP"] is None
+
+
+def test_failed_write_keeps_the_old_file(tmp_path):
+  path = tmp_path / "r.json"
+  path.write_text("old")
+
+  def fail(f):
+    f.write(b"half")
+    raise RuntimeError("disk full")
+
+  with pytest.raises(RuntimeError):
+    evaluation_report.write_atomically(path, fail)
+  assert path.read_text() == "old" and len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.mark.parametrize("field,values,message", [
+    ("modalities", np.full(90, 3), "modalities must hold ints in"),
+    ("viewpoints", np.zeros(5, int), "viewpoints must have one entry per feature row"),
+])
+def test_bad_metadata_names_the_field(field, values, message):
+  fields = {f: getattr(QUERY, f) for f in ("feats", "ids", "cams", "modalities", "viewpoints")}
+  with pytest.raises(ValueError, match=message):
+    RetrievalSide(**{**fields, field: values})
