@@ -161,6 +161,9 @@ def test_prototype_update_averages_duplicates_and_touches_present_rows_only():
   untouched = [c for c in range(12) if c not in ids]
   np.testing.assert_array_equal(got[untouched], protos[untouched])
   np.testing.assert_allclose(got[5], np_l2n(centers[[1, 5]].mean(axis=0)), atol=1e-6)
+  unchanged = prototypes.update(jnp.asarray(protos), jnp.asarray(ids), jnp.asarray(centers),
+                                momentum=0.2, enabled=jnp.asarray(False))
+  np.testing.assert_array_equal(unchanged, protos)
 
 
 # ------------------------------------------------------------------------------- gradients

@@ -18,6 +18,8 @@ def _dot(a, b, contract, batch=((), ())):
   return jax.lax.dot_general(a, b, (contract, batch), preferred_element_type=_F32)
 
 
+# matmul and bmm keep separate VJPs on purpose: writing matmul as a batch-1 bmm made XLA:CPU take
+# its batched-dot path and the ViT-B/16 step 18% slower (bench/model.py).
 # The cotangents must come back in the primals' dtypes, which are static arguments because
 # residuals can only be arrays.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))

@@ -64,15 +64,21 @@ def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
   trained_grads = jax.tree.map(lambda g, l: g if l != optim.FROZEN else jnp.zeros_like(g),
                                grads, labels_tree)
   grad_norm = optax.global_norm(trained_grads)
-  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-  updated = state.replace(
-      step=state.step + 1, params=optax.apply_updates(state.params, updates),
-      batch_stats=batch_stats, opt_state=opt_state,
-      prototypes=prototypes.update(state.prototypes, ids, anchors, cfg.prototype_momentum),
-      rng=rng)
+  # A non-finite step changes nothing (not even the step counter); the metrics flag it. The
+  # gate is applied inside each update, never as a select between two whole states, so a
+  # 10^6-identity classifier, its momentum and the memory are not held twice.
   finite = jnp.isfinite(terms["total"]) & jnp.isfinite(grad_norm)
-  # A non-finite step changes nothing (not even the step counter); the metrics flag it.
-  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+  keep_old_unless_finite = lambda new, old: jnp.where(finite, new, old)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(
+      step=state.step + finite.astype(state.step.dtype),
+      params=jax.tree.map(lambda p, u: p + jnp.where(finite, u, 0).astype(p.dtype),
+                          state.params, updates),
+      batch_stats=jax.tree.map(keep_old_unless_finite, batch_stats, state.batch_stats),
+      opt_state=jax.tree.map(keep_old_unless_finite, opt_state, state.opt_state),
+      prototypes=prototypes.update(state.prototypes, ids, anchors, cfg.prototype_momentum,
+                                   enabled=finite),
+      rng=keep_old_unless_finite(rng, state.rng))
   metrics = {f"loss/{k}": v for k, v in terms.items()}
   metrics.update({"id_accuracy": accuracy, "grad_norm": grad_norm,
                   "nonfinite": jnp.logical_not(finite).astype(jnp.int32)})
