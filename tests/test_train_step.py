@@ -12,8 +12,9 @@ NUM_CLASSES = 16
 M, P, K = 3, 4, 2
 
 
-def _config(replicas=2, mesh=(1, 1), dtype="float32", stochastic_depth=0.1, loss="uad"):
-  c = uad.get_config(f"synthetic,loss={loss}")
+def _config(replicas=2, mesh=(1, 1), dtype="float32", stochastic_depth=0.1, loss="uad",
+            fsdp=False):
+  c = uad.get_config(f"synthetic,loss={loss},fsdp={fsdp}")
   with c.unlocked():
     c.num_replicas = replicas
     c.sampler.identities, c.sampler.instances = P, K
@@ -60,12 +61,17 @@ def single_device_run():
   return _run(config, [_batch(2, 0), _batch(2, 1)], devices=jax.devices()[:1])
 
 
-@pytest.mark.parametrize("mesh", [(1, 1), (8, 1), (4, 2), (2, 4)])
-def test_step_does_not_depend_on_the_device_count(single_device_run, mesh):
+@pytest.mark.parametrize("mesh,fsdp", [((1, 1), False), ((8, 1), False), ((4, 2), False),
+                                       ((2, 4), False), ((4, 2), True)])
+def test_step_does_not_depend_on_the_device_count(single_device_run, mesh, fsdp):
   ref_state, ref_metrics = single_device_run
   n = mesh[0] * mesh[1]
-  state, metrics = _run(_config(mesh=mesh), [_batch(2, 0), _batch(2, 1)],
-                        devices=jax.devices()[:n])
+  config = _config(mesh=mesh, fsdp=fsdp)
+  if fsdp:   # parameters really are split over the data axis
+    mesh_ = sharding.make_mesh(config.mesh, jax.devices()[:n])
+    _, shardings = train_state.create_train_state(config, NUM_CLASSES, 5, mesh_)
+    assert shardings.params["backbone"]["block0"]["mlp"]["fc1"]["kernel"].spec[0] == "data"
+  state, metrics = _run(config, [_batch(2, 0), _batch(2, 1)], devices=jax.devices()[:n])
   for got, want in zip(metrics, ref_metrics):
     for k in want:
       np.testing.assert_allclose(got[k], want[k], atol=1e-5, rtol=1e-5, err_msg=k)
