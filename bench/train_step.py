@@ -19,6 +19,7 @@ depth L, C identities:
 Losses, norms and elementwise work are not counted.
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -65,7 +66,7 @@ def make_batch(c, num_classes, rng):
 def time_jax_step(args, num_classes):
   """Seconds per step (after compilation) and the compile time."""
   c = make_config(args, num_classes)
-  mesh = sharding.make_mesh(c.mesh, jax.devices()[:eval(args.mesh.replace(",", "*"))])
+  mesh = sharding.make_mesh(c.mesh, jax.devices()[:math.prod(size for _, size in c.mesh)])
   state, shardings = train_state.create_train_state(c, num_classes, 100, mesh, log=None)
   step = train_step.jit_train_step(shardings, mesh)
   rng = np.random.RandomState(0)

@@ -2,6 +2,7 @@
 
 ``run.py`` holds the flags only; everything here is importable and testable.
 """
+import functools
 import json
 import os
 import time
@@ -34,28 +35,33 @@ def _global_batch(local_batch, batch_sharding):
           for k in ("images", "labels")}
 
 
+@functools.lru_cache(maxsize=4)
+def _inference_fn(model, mesh):
+  """The jitted inference forward, compiled once per model and mesh for the whole run."""
+  return jax.jit(lambda params, images: model.apply({"params": params}, images, train=False),
+                 out_shardings=sharding.replicated(mesh))
+
+
 def extract_features(state, config, split_dataset, mesh) -> evaluation_protocols.RetrievalSide:
   """Pre-BN global features of every record of an eval split, with its metadata (NumPy)."""
   batch_sharding = sharding.batch_sharding(mesh)
-  infer = jax.jit(lambda params, images: state.model.apply({"params": params}, images,
-                                                           train=False),
-                  out_shardings=sharding.replicated(mesh))
+  infer = _inference_fn(state.model, mesh)
   feats, meta = [], {k: [] for k in ("person_ids", "cameras", "modalities", "viewpoints")}
   with sharding.context(mesh, config.sharding_rules):
     for batch in split_dataset:
       images = jax.make_array_from_process_local_data(batch_sharding, batch["images"])
       out = np.asarray(jax.device_get(infer(state.params, images)))
-      mask = _gather_rows(batch["mask"], batch_sharding)
+      mask = _gather_rows(batch["mask"])
       feats.append(out[mask])
       for k in meta:
-        meta[k].append(_gather_rows(batch[k], batch_sharding)[mask])
+        meta[k].append(_gather_rows(batch[k])[mask])
   meta = {k: np.concatenate(v) for k, v in meta.items()}
   return evaluation_protocols.RetrievalSide(
       feats=np.concatenate(feats), ids=meta["person_ids"], cams=meta["cameras"],
       modalities=meta["modalities"], viewpoints=meta["viewpoints"])
 
 
-def _gather_rows(local, batch_sharding):
+def _gather_rows(local):
   """The global rows of a per-process metadata array (every process gets them all)."""
   if jax.process_count() == 1:
     return np.asarray(local)
@@ -87,6 +93,9 @@ def train_and_evaluate(config, workdir: str, log=print):
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     prepare_dataset(config, log)
+  if jax.process_count() > 1:  # the other hosts read what process 0 built
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("whu_mars prepared")
   plan = input_pipeline.train_plan_from_config(config,
                                                missing_modality=config.missing_modality)
   num_classes = config.num_classes or plan.num_classes

@@ -131,23 +131,18 @@ def create_train_state(config, num_classes: int, steps_per_epoch, mesh,
 
 def _check_divisible(abstract, shardings, config):
   """Every sharded dimension must split evenly; say which array and which settings."""
-  for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
-    sharding_ = _leaf_at(shardings, path)
-    for dim, axes in zip(leaf.shape, sharding_.spec):
+
+  def check(path, leaf, leaf_sharding):
+    for dim, axes in zip(leaf.shape, leaf_sharding.spec):
       axes = (axes,) if isinstance(axes, str) else (axes or ())
-      parts = int(np.prod([sharding_.mesh.shape[a] for a in axes]))
+      parts = int(np.prod([leaf_sharding.mesh.shape[a] for a in axes]))
       if dim % parts:
         raise ValueError(
             f"{jax.tree_util.keystr(path)} has a dimension of {dim}, which the mesh axes {axes} "
             f"(config.mesh={tuple(config.mesh)}, {parts} parts) do not divide; change "
             f"config.mesh, config.sharding_rules or config.num_classes")
 
-
-def _leaf_at(tree, path):
-  for key in path:
-    tree = tree[key.key] if hasattr(key, "key") else (
-        getattr(tree, key.name) if hasattr(key, "name") else tree[key.idx])
-  return tree
+  jax.tree_util.tree_map_with_path(check, abstract, shardings)
 
 
 def _load_pretrained(path, model, abstract_params, params, param_shardings, log):
