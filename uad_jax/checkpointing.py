@@ -6,6 +6,8 @@ where the interrupted one stopped. Orbax writes each step to a temporary directo
 when complete: an interrupted save never reads as a checkpoint, and earlier steps stay intact.
 This is the only module that imports orbax.
 """
+import os
+
 import jax
 import orbax.checkpoint as ocp
 
@@ -13,8 +15,9 @@ import orbax.checkpoint as ocp
 class Checkpointer:
 
   def __init__(self, directory: str, max_to_keep: int = 2):
+    # Orbax refuses relative paths; a workdir given relative to the current folder is fine here.
     self._manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        os.path.abspath(directory), options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
