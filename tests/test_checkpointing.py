@@ -19,9 +19,8 @@ def test_round_trip_with_a_relative_directory_keeps_values_and_shardings(tmp_pat
   checkpoints = checkpointing.Checkpointer("workdir/checkpoints")
   checkpoints.save(7, state, {"position": [3, 1]})
   checkpoints.wait()
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          state, shardings)
-  restored, data_state = checkpointing.Checkpointer("workdir/checkpoints").restore(abstract)
+  restored, data_state = checkpointing.Checkpointer("workdir/checkpoints").restore(
+      checkpointing.abstract_state(state, shardings))
   assert data_state == {"position": [3, 1]}
   assert restored.prototypes.sharding == state.prototypes.sharding
   np.testing.assert_array_equal(restored.prototypes, state.prototypes)

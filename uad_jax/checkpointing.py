@@ -17,7 +17,8 @@ class Checkpointer:
   def __init__(self, directory: str, max_to_keep: int = 2):
     # Orbax refuses relative paths; a workdir given relative to the current folder is fine here.
     self._manager = ocp.CheckpointManager(
-        os.path.abspath(directory), options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -46,6 +47,12 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def abstract_state(state, shardings):
+  """The restore target for ``state``: its shapes and dtypes with these shardings."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      state, shardings)
 
 
 def _with_key_data(state):

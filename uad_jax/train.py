@@ -118,9 +118,7 @@ def train_and_evaluate(config, workdir: str, log=print):
       num_workers=config.data_workers, num_threads=config.data_threads))
   checkpoints = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
   if checkpoints.latest_step() is not None:
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            state, shardings)
-    state, data_state = checkpoints.restore(abstract)
+    state, data_state = checkpoints.restore(checkpointing.abstract_state(state, shardings))
     train_iter.set_state(data_state)
     log(f"resumed from step {int(state.step)}")
   step_fn = train_step.jit_train_step(shardings, mesh)
