@@ -1,11 +1,12 @@
 """The ImageNet checkpoint importer against what the reference computes with timm.
 
 The small committed fixtures (tests/fixtures, made by make_pretrained_fixtures.py) hold a tiny
-random timm ViT in the three formats and the torch model's features; the full ViT-B/16 check runs
-where torch and timm are installed and is skipped elsewhere.
+random timm ViT in the three formats and the torch model's features; all three load without torch.
+The full ViT-B/16 check runs where torch and timm are installed and is skipped elsewhere.
 """
 import os
 import sys
+import zipfile
 
 import flax.linen as nn
 import jax
@@ -35,8 +36,6 @@ def _features(model, params, images):
 
 @pytest.mark.parametrize("fmt", ["npz", "safetensors", "pth"])
 def test_tiny_checkpoint_gives_the_torch_features(fmt):
-  if fmt == "pth":
-    pytest.importorskip("torch")
   model, params = _model_and_params()
   expected = np.load(os.path.join(FIXTURES, "tiny_vit_expected.npz"))
   loaded, report = pretrained.load_backbone(os.path.join(FIXTURES, f"tiny_vit.{fmt}"), params,
@@ -85,7 +84,7 @@ def test_missing_and_unexpected_tensors_are_reported(tmp_path):
   assert isinstance(loaded["backbone"]["block1"]["mlp"]["fc2"]["bias"], jax.ShapeDtypeStruct)
 
 
-def test_bad_paths_and_formats_fail_clearly(tmp_path, monkeypatch):
+def test_bad_paths_and_formats_fail_clearly(tmp_path):
   _, params = _model_and_params()
   with pytest.raises(FileNotFoundError, match="nope.npz"):
     pretrained.load_backbone(str(tmp_path / "nope.npz"), params, log=None)
@@ -95,9 +94,26 @@ def test_bad_paths_and_formats_fail_clearly(tmp_path, monkeypatch):
     pretrained.load_backbone(str(odd), params, log=None)
   with pytest.raises(ValueError, match="grid_hw"):
     pretrained.load_backbone(os.path.join(FIXTURES, "tiny_vit.npz"), params, log=None)
+  garbage = tmp_path / "x.pth"
+  garbage.write_bytes(b"not a checkpoint")
+  with pytest.raises(ValueError, match="x.pth is not a torch zip checkpoint"):
+    pretrained.load_backbone(str(garbage), params, log=None)
+
+
+def test_pth_needs_no_torch_and_runs_nothing_from_the_pickle(tmp_path, monkeypatch):
+  model, params = _model_and_params()
   monkeypatch.setitem(sys.modules, "torch", None)      # as if torch were not installed
-  with pytest.raises(ImportError, match="tiny_vit.pth is a torch pickle"):
-    pretrained.load_backbone(os.path.join(FIXTURES, "tiny_vit.pth"), params, log=None)
+  _, report = pretrained.load_backbone(os.path.join(FIXTURES, "tiny_vit.pth"), params,
+                                       grid_hw=model.patch_grid, log=None)
+  assert report.missing == []
+  marker = tmp_path / "pwned"
+  # torch's layout around a pickle that would run a shell command if its globals were resolved.
+  evil = tmp_path / "evil.pth"
+  with zipfile.ZipFile(evil, "w") as archive:
+    archive.writestr("evil/data.pkl", f"cos\nsystem\n(S'touch {marker}'\ntR.".encode())
+  with pytest.raises(ValueError, match=r"evil.pth: refusing the global os\.system"):
+    pretrained.load_backbone(str(evil), params, log=None)
+  assert not marker.exists()
 
 
 def test_vit_b16_in_every_format_matches_timm(tmp_path):

@@ -5,8 +5,8 @@ Formats, chosen by file suffix:
     ``jx_vit_base_p16_224-80ecf9dd.pth``), keys such as
     ``Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel``;
   * ``.safetensors``: a timm ``vit_*_patch16_224`` state dict, read without torch;
-  * ``.pth`` / ``.pt`` / ``.bin``: the same state dict pickled by torch (torch needed for this
-    format only).
+  * ``.pth`` / ``.pt`` / ``.bin``: the same state dict saved by ``torch.save``, read without torch
+    by ``torch_pickle`` (which refuses anything in the pickle but tensors and plain containers).
 The classification head is dropped; the position grid is resized to the model's patch grid the way
 the reference does it (bilinear, align_corners=False, no antialias).
 
@@ -18,6 +18,8 @@ import re
 
 import numpy as np
 from flax import traverse_util
+
+from uad_jax import torch_pickle
 
 _GOOGLE_BLOCK = re.compile(r"^Transformer/encoderblock_(\d+)/(.+)$")
 _TIMM_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -143,17 +145,13 @@ def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], str]:
     from safetensors.numpy import load_file
     return load_file(path), "timm"
   if path.endswith(_TORCH_SUFFIXES):
-    try:
-      import torch
-    except ImportError as e:
-      raise ImportError(
-          f"{path} is a torch pickle and torch is not installed. Install torch, or convert the "
-          "file once to .safetensors (safetensors.torch.save_file(state_dict, ...)).") from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch_pickle.load(path)
     for wrapper in ("state_dict", "model"):
       if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
         state = state[wrapper]
-    return {k: v.float().numpy() for k, v in state.items() if hasattr(v, "numpy")}, "timm"
+    if not isinstance(state, dict):
+      raise ValueError(f"{path}: expected a state dict of tensors, found {type(state).__name__}")
+    return {k: v.astype(np.float32) for k, v in state.items() if isinstance(v, np.ndarray)}, "timm"
   raise ValueError(f"unknown checkpoint format for {path}: expected .npz (Google ViT), "
                    f".safetensors or .pth/.pt/.bin (timm state dict)")
 
