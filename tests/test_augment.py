@@ -95,11 +95,12 @@ def test_crop_equals_cropping_the_padded_image_for_any_padding(padding):
 
 def test_flip_happens_with_probability_one_half():
   pixels = _coordinate_image()
-  flips = 0
-  for seed in range(400):
+  flips, draws = 0, 4000
+  for seed in range(draws):
     crop = augment.flip_pad_crop(pixels, np.random.default_rng(seed), padding=0)
     flips += bool(crop[0, 0, 1] == W)  # column W−1 came to the left edge
-  assert 150 < flips < 250
+  # σ of the rate is 0.008 at p = 0.5: ±0.03 is ~4σ, and p = 0.55 would lie 6σ out.
+  assert abs(flips / draws - 0.5) < 0.03
 
 
 def test_erase_boxes_follow_the_area_and_aspect_rules():
@@ -120,7 +121,8 @@ def test_erase_boxes_follow_the_area_and_aspect_rules():
   assert aspect.min() < 0.35 and aspect.max() > 2.9  # the whole log-uniform range is used
   # Tall boxes (w < W always, h may hit H) get rejected sometimes: w can never reach 128.
   assert w.max() < width
-  # Left positions cover 0 … W−w, both ends included.
+  # Top and left positions cover 0 … H−h and 0 … W−w, both ends included.
+  assert np.any(top == 0) and np.any(top == height - h)
   assert np.any(left == 0) and np.any(left == width - w)
 
 

@@ -102,9 +102,20 @@ def test_stream_runs_every_epoch_then_stops(records):
   assert train.num_classes == 5
   all_steps = list(dataset)
   assert len(all_steps) == train.total_steps
-  first_of_epoch_1 = all_steps[train.steps_per_epoch[0]]
-  expected = [records[i]["label"] for i in train.sampler.epoch_steps(1)[0]]
-  np.testing.assert_array_equal(first_of_epoch_1["labels"], expected)
+  first_step = np.concatenate([[0], np.cumsum(train.steps_per_epoch)])
+  rows = SHAPE.step_rows
+  for epoch in (1, 2):
+    plan = train.sampler.epoch_steps(epoch)
+    for step_in_epoch in (0, len(plan) - 1):
+      step = all_steps[first_step[epoch] + step_in_epoch]
+      record_indices = plan[step_in_epoch]
+      np.testing.assert_array_equal(step["labels"], [records[i]["label"] for i in record_indices])
+      # Augmentation is seeded by (seed, epoch, position within the epoch).
+      for row in (0, rows - 1):
+        image = augment.to_rgb_image(records[record_indices[row]]["image"])
+        rng = augment.image_rng(SEED, epoch, step_in_epoch * rows + row)
+        np.testing.assert_array_equal(step["images"][row],
+                                      augment.train_transform(image, rng, SIZE))
 
 
 def test_resumed_iterator_yields_what_an_unbroken_one_would_across_epochs(records, tmp_path):

@@ -115,7 +115,25 @@ def test_stochastic_depth_is_per_sample_and_linear_over_blocks():
   # rates (0, 0.5): block 0 never drops, block 1 drops its two branches independently.
   distinct = np.unique(np.round(np.asarray(out), 4), axis=0)
   assert 2 <= len(distinct) <= 4
-  np.testing.assert_allclose(np.linspace(0, 0.5, 2), [0.0, 0.5])
+
+
+@pytest.mark.parametrize("variant,last", [("mu/16", 0.5), ("Ti/16", 0.1)])
+def test_drop_path_rates_rise_linearly_from_zero_over_the_blocks(variant, last):
+  """The rates the model's blocks were built with, read from the model as it runs."""
+  model = vit.ViT(variant, IMAGE, stochastic_depth=last)
+  rates = {}
+
+  def record(next_fn, args, kwargs, context):
+    if isinstance(context.module, vit.Block):
+      rates[context.module.name] = context.module.drop_path
+    return next_fn(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *IMAGE, 3))))
+  depth = vit.parse_variant(variant).depth
+  got = [rates[f"block{i}"] for i in range(depth)]
+  want = [last * i / (depth - 1) for i in range(depth)]   # 0 for the first block, `last` last
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
 
 
 def test_unknown_variant_and_wrong_image_size_fail_clearly():

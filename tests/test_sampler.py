@@ -115,13 +115,18 @@ def test_epoch_length_ends_when_fewer_than_p_identities_remain():
 def test_steps_are_r_consecutive_batches_group_major(r):
   counts = _random_counts(10, seed=4)
   s, _, _ = _sampler(counts, p=2, k=2, r=r)
-  batches = s.epoch_batches(1)
-  steps = s.epoch_steps(1)
-  assert len(steps) == len(batches) // r == s.steps_in_epoch(1)
-  assert steps.shape[1] == r * s.shape.batch_rows == s.shape.step_rows
-  np.testing.assert_array_equal(steps.reshape(-1, s.shape.batch_rows),
-                                batches[:len(steps) * r])
-  assert s.steps_per_epoch(3) == tuple(len(s.epoch_batches(e)) // r for e in range(3))
+  tails = 0
+  for epoch in range(6):
+    batches = s.epoch_batches(epoch)
+    steps = s.epoch_steps(epoch)
+    # ⌊batches / R⌋ steps: an incomplete last step is dropped, never padded or wrapped.
+    assert len(steps) == len(batches) // r == s.steps_in_epoch(epoch)
+    assert steps.shape[1] == r * s.shape.batch_rows == s.shape.step_rows
+    np.testing.assert_array_equal(steps.reshape(-1, s.shape.batch_rows),
+                                  batches[:len(steps) * r])
+    tails += len(batches) % r != 0
+  assert r == 1 or tails > 0, "the data must give an epoch with a dropped tail"
+  assert s.steps_per_epoch(6) == tuple(len(s.epoch_batches(e)) // r for e in range(6))
 
 
 def test_deterministic_given_seed_and_epoch():

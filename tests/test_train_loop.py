@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import uad
-from uad_jax import train
+from uad_jax import evaluation, input_pipeline, train, train_state
 
 
 def _config(tmp_path, epochs=2):
@@ -21,8 +21,23 @@ def _config(tmp_path, epochs=2):
     c.optim.epochs = epochs
     c.eval_every_epochs = 1
     c.eval_batch_size = 64
+    c.camera_rule = "market"               # not the default: the job must pass it on
     c.mesh = (("data", 4), ("model", 2))
   return c
+
+
+def _retrieval_side(config, params, split):
+  """Features of every image of an eval split by the model applied directly, and the metadata."""
+  model = train_state.build_model(config, 1)
+  source = input_pipeline.open_split(f"{config.dataset.name}/{config.dataset.config}", split,
+                                     config.dataset.data_dir)
+  feats, meta = [], []
+  for batch in input_pipeline.make_eval_dataset(source, 64, image_size=config.model.image_size):
+    mask = batch["mask"]
+    feats.append(np.asarray(model.apply({"params": params}, batch["images"]))[mask])
+    meta.append(np.stack([batch[k][mask] for k in ("person_ids", "cameras")]))
+  meta = np.concatenate(meta, axis=1)
+  return np.concatenate(feats), meta[0], meta[1]
 
 
 class _StopAfterFirstEvaluation(Exception):
@@ -36,8 +51,18 @@ def test_resumed_run_ends_where_an_unbroken_one_does(tmp_path):
                                                      log=logs.append))
   assert any(line.startswith("epoch 2/2") for line in logs)
   report = json.loads((tmp_path / "a" / "eval_epoch002" / "retrieval.json").read_text())
+  assert report["camera_rule"] == "market"
   as_reid = report["protocols"]["as_reid"]["all→all"]
-  assert 0.0 < as_reid["mAP"] <= 1.0 and as_reid["num_valid_queries"] > 0
+  # The report is the final model's retrieval on the test split under the configured rule.
+  q_feats, q_ids, q_cams = _retrieval_side(config, unbroken.params, "query")
+  g_feats, g_ids, g_cams = _retrieval_side(config, unbroken.params, "gallery")
+  want = {rule: evaluation.evaluate(q_feats, g_feats, q_ids, g_ids, q_cams, g_cams,
+                                    camera_rule=rule) for rule in ("market", "sysu")}
+  assert want["market"]["mAP"] != want["sysu"]["mAP"]      # the rule matters on this split
+  assert as_reid["num_valid_queries"] == want["market"]["num_valid_queries"] > 0
+  np.testing.assert_allclose(as_reid["mAP"], want["market"]["mAP"], rtol=1e-5)
+  np.testing.assert_allclose(as_reid["cmc"], want["market"]["cmc"][:len(as_reid["cmc"])],
+                             rtol=1e-5)
   for name in ("retrieval_cmc.png", "retrieval_modality.png", "retrieval_scenario.png"):
     assert (tmp_path / "a" / "eval_epoch002" / name).stat().st_size > 0
 
@@ -51,6 +76,13 @@ def test_resumed_run_ends_where_an_unbroken_one_does(tmp_path):
                                                     log=resumed_logs.append))
   assert any(line.startswith("resumed from step") for line in resumed_logs)
   assert not any(line.startswith("epoch 1/2") for line in resumed_logs)
+  # The evaluation the interruption cut short is run on resume, and gives the same numbers.
+  assert any("its evaluation was interrupted" in line for line in resumed_logs)
+  for epoch in (1, 2):
+    reports = [json.loads((tmp_path / run / f"eval_epoch{epoch:03d}" / "retrieval.json")
+                          .read_text()) for run in ("a", "b")]
+    np.testing.assert_allclose(reports[1]["protocols"]["as_reid"]["all→all"]["mAP"],
+                               reports[0]["protocols"]["as_reid"]["all→all"]["mAP"], atol=1e-6)
   assert int(resumed.step) == int(unbroken.step)
   for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(unbroken.params)):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)

@@ -61,7 +61,7 @@ def single_device_run():
   return _run(config, [_batch(2, 0), _batch(2, 1)], devices=jax.devices()[:1])
 
 
-@pytest.mark.parametrize("mesh,fsdp", [((1, 1), False), ((8, 1), False), ((4, 2), False),
+@pytest.mark.parametrize("mesh,fsdp", [((1, 8), False), ((8, 1), False), ((4, 2), False),
                                        ((2, 4), False), ((4, 2), True)])
 def test_step_does_not_depend_on_the_device_count(single_device_run, mesh, fsdp):
   ref_state, ref_metrics = single_device_run
@@ -130,36 +130,185 @@ def test_replica_groups_are_independent_and_averaged():
   assert np.count_nonzero(norms) == len(present)
 
 
+def _flat(tree):
+  return traverse_util.flatten_dict(jax.device_get(tree), sep="/")
+
+
+def _state_leaves(state):
+  """Every leaf of a TrainState as host arrays, the RNG key as its raw data."""
+  state = jax.device_get(state.replace(rng=jax.random.key_data(state.rng)))
+  return jax.tree_util.tree_flatten_with_path(state)[0]
+
+
+def _assert_states_equal(got, want):
+  got, want = _state_leaves(got), _state_leaves(want)
+  assert [p for p, _ in got] == [p for p, _ in want]
+  for (path, a), (_, b) in zip(got, want):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+def _create(config, mesh=None):
+  mesh = mesh or sharding.make_mesh(config.mesh, jax.devices()[:1])
+  state, shardings = train_state.create_train_state(config, NUM_CLASSES, 5, mesh)
+  step = train_step.jit_train_step(shardings, mesh)
+
+  def run(state, batch):
+    with sharding.context(mesh, config.sharding_rules):
+      # The step donates its input: keep the caller's state alive for comparisons.
+      return step(jax.tree.map(jnp.copy, state), batch)
+  return state, run
+
+
 def test_bnneck_bias_stays_exactly_zero_and_the_rest_moves():
   config = _config()
-  state, _ = _run(config, [_batch(2, s) for s in range(3)], devices=jax.devices()[:1])
-  assert np.all(state.params["bnneck"]["bias"] == 0.0)
-  assert np.any(state.params["bnneck"]["scale"] != 1.0)
+  state, _ = _create(config)
+  before = _flat(state.params)
+  after, _ = _run(config, [_batch(2, s) for s in range(3)], devices=jax.devices()[:1])
+  after = _flat(after.params)
+  assert np.all(after["bnneck/bias"] == 0.0)
+  for name in before:
+    if name != "bnneck/bias":
+      assert np.any(after[name] != before[name]), name
 
 
-def test_non_finite_loss_leaves_the_state_untouched():
+def np_epoch_lr(e, group_base, b, epochs, warmup_epochs, start_factor=0.01, floor_factor=0.002):
+  """Spec §6 stated directly, for any length and warm-up."""
+  if e < warmup_epochs:
+    return start_factor * b + e * (group_base - start_factor * b) / warmup_epochs
+  lr_min = floor_factor * b
+  return lr_min + 0.5 * (group_base - lr_min) * (1 + np.cos(np.pi * e / epochs))
+
+
+def _reference_objective(model, params, batch, memory, replicas):
+  """The UAD loss of spec §5 written group by group, each group its own forward pass: the mean
+  over groups of CE + WRT + 0.01·ProCA + GPD, the accuracy, and the anchors of every group."""
+  rows = len(batch["labels"]) // replicas
+  totals, anchors, ids, hits = [], [], [], []
+  for g in range(replicas):
+    images = batch["images"][g * rows:(g + 1) * rows]
+    labels = jnp.asarray(batch["labels"][g * rows:(g + 1) * rows])
+    variables = {"params": params,
+                 "batch_stats": {"bnneck": {"mean": jnp.zeros(64), "var": jnp.ones(64)}}}
+    (logits, feats), _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    proca_loss, anchor = losses.proca(feats, M, K)
+    group_ids = losses.batch_identity_ids(labels, M, K)
+    totals.append(losses.cross_entropy(logits, labels) + losses.wrt(feats, labels)
+                  + 0.01 * proca_loss + losses.gpd(feats, labels, memory, group_ids, anchor, 0.03))
+    anchors.append(anchor)
+    ids.append(group_ids)
+    hits.append(jnp.argmax(logits, -1) == labels)
+  return (sum(totals) / replicas,
+          (jnp.concatenate(anchors), jnp.concatenate(ids), jnp.mean(jnp.concatenate(hits))))
+
+
+def test_two_steps_are_the_reference_sgd_updates_of_the_loss_gradient():
+  """params ← params − lr·buf, buf ← 0.9·buf + clip(∇L) + wd·params, from jax.grad of the loss
+  stated independently of the step, with the memory updated between the steps."""
+  config = _config(stochastic_depth=0.0)
+  with config.unlocked():
+    config.optim.lr_per_replica = 0.05     # updates well above fp32 noise
+  state, run = _create(config)
+  model = train_state.build_model(config, NUM_CLASSES).clone(bn_groups=1)
+  params = jax.tree.map(lambda x: np.asarray(x, np.float64), _flat(state.params))
+  memory = jnp.asarray(state.prototypes)
+  b = 0.05 * 2
+  lr = {"weight": np_epoch_lr(1, b, b, 4, 1), "bias": np_epoch_lr(1, 2 * b, b, 4, 1)}
+  buf = {name: 0.0 for name in params}
+  reference_grad = jax.jit(jax.value_and_grad(
+      lambda p, batch, memory: _reference_objective(model, p, batch, memory, 2), has_aux=True))
+  for seed in (0, 1):
+    batch = _batch(2, seed)
+    unflat = traverse_util.unflatten_dict(
+        {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}, sep="/")
+    (loss, (anchors, ids, accuracy)), grads = reference_grad(unflat, batch, memory)
+    grads = {k: np.asarray(v, np.float64) for k, v in _flat(grads).items()
+             if k != "bnneck/bias"}                # frozen: torch never sees its gradient
+    norm = np.sqrt(sum(np.sum(g**2) for g in grads.values()))
+    coef = min(1.0, 1.0 / (norm + 1e-6))
+    state, metrics = run(state, batch)
+    np.testing.assert_allclose(metrics["loss/total"], loss, rtol=1e-5)
+    np.testing.assert_allclose(metrics["grad_norm"], norm, rtol=1e-4)
+    np.testing.assert_allclose(metrics["id_accuracy"], accuracy)
+    np.testing.assert_allclose(metrics["lr/weight"], lr["weight"], rtol=1e-6)
+    np.testing.assert_allclose(metrics["lr/bias"], lr["bias"], rtol=1e-6)
+    for name, g in grads.items():
+      buf[name] = 0.9 * buf[name] + g * coef + 1e-4 * params[name]
+      params[name] = params[name] - lr["bias" if "bias" in name else "weight"] * buf[name]
+    memory = prototypes.update(memory, ids, anchors, 0.2)
+    got = _flat(state.params)
+    for name, want in params.items():
+      step_size = np.max(np.abs(lr["weight"] * buf.get(name, 0.0)))
+      np.testing.assert_allclose(got[name], want, rtol=0, atol=1e-3 * step_size + 1e-7,
+                                 err_msg=name)
+    np.testing.assert_allclose(state.prototypes, memory, atol=1e-5)
+  assert int(state.step) == 2
+
+
+def test_a_few_steps_on_a_fixed_batch_lower_the_loss():
+  """Fitting one batch with the UAD loss at the recipe's learning rate."""
+  config = _config(stochastic_depth=0.0)
+  state, run = _create(config)
+  batch = _batch(2, 0)
+  history = []
+  for _ in range(10):
+    state, metrics = run(state, batch)
+    history.append(jax.device_get(metrics))
+  series = {k: np.array([m[k] for m in history]) for k in history[0]}
+  # GPD's targets move while the memory fills, so only the CE and WRT terms fall step by step.
+  assert np.all(np.diff(series["loss/ce"]) < 0), series["loss/ce"]
+  assert np.all(np.diff(series["loss/wrt"]) < 0), series["loss/wrt"]
+  assert series["loss/total"][-1] < 0.8 * series["loss/total"][0], series["loss/total"]
+  assert series["id_accuracy"][-1] >= 0.5 > series["id_accuracy"][0], series["id_accuracy"]
+
+
+def test_a_skipped_step_changes_no_leaf_of_the_state_and_the_next_step_runs_normally():
   config = _config()
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  state, shardings = train_state.create_train_state(config, NUM_CLASSES, 5, mesh)
-  before = jax.device_get(state)
-  batch = _batch(2)
-  batch["images"][3, 0, 0, 0] = np.nan
-  with sharding.context(mesh, config.sharding_rules):
-    after, metrics = train_step.jit_train_step(shardings, mesh)(state, batch)
+  state, run = _create(config)
+  state, _ = run(state, _batch(2, 0))     # momentum, BN statistics and memory all non-trivial
+  bad = _batch(2, 1)
+  bad["images"][3, 0, 0, 0] = np.nan
+  skipped, metrics = run(state, bad)
   assert int(metrics["nonfinite"]) == 1
-  after = jax.device_get(after)
-  assert int(after.step) == 0
-  _assert_trees_close(after.params, before.params, 0.0)
-  np.testing.assert_array_equal(after.prototypes, before.prototypes)
+  _assert_states_equal(skipped, state)
+  after_skip, m1 = run(skipped, _batch(2, 2))
+  direct, m2 = run(state, _batch(2, 2))
+  assert int(m1["nonfinite"]) == 0
+  _assert_states_equal(after_skip, direct)
+  assert int(after_skip.step) == 2
+
+
+def test_a_finite_loss_with_an_overflowing_gradient_is_skipped_too():
+  config = _config()
+  state, run = _create(config)
+  state, _ = run(state, _batch(2, 0))
+  # A huge BNNeck scale keeps the loss finite (logits ~1e19) while the classifier's gradient
+  # entries (~1e21) overflow the squared global norm.
+  params = jax.device_get(state.params)
+  params["bnneck"]["scale"] = np.full_like(params["bnneck"]["scale"], 1e21)
+  state = state.replace(params=jax.device_put(params, jax.tree.map(lambda x: x.sharding,
+                                                                    state.params)))
+  skipped, metrics = run(state, _batch(2, 1))
+  assert np.isfinite(metrics["loss/total"]) and not np.isfinite(metrics["grad_norm"])
+  assert int(metrics["nonfinite"]) == 1
+  _assert_states_equal(skipped, state)
 
 
 def test_bf16_compute_step_tracks_fp32():
   batches = [_batch(2, 0)]
-  _, m32 = _run(_config(), batches, devices=jax.devices()[:1])
-  _, m16 = _run(_config(dtype="bfloat16"), batches, devices=jax.devices()[:1])
-  for k in ("loss/ce", "loss/wrt", "loss/gpd", "loss/total"):
+  config32, config16 = _config(stochastic_depth=0.0), _config(dtype="bfloat16",
+                                                              stochastic_depth=0.0)
+  start, _ = _create(config32)
+  s32, m32 = _run(config32, batches, devices=jax.devices()[:1])
+  s16, m16 = _run(config16, batches, devices=jax.devices()[:1])
+  for k in ("loss/ce", "loss/wrt", "loss/proca", "loss/gpd", "loss/total", "grad_norm"):
     np.testing.assert_allclose(m16[0][k], m32[0][k], rtol=3e-2, err_msg=k)
   assert m16[0]["nonfinite"] == 0
+  # The whole update (new − old parameters) agrees to bf16 precision.
+  p0, p32, p16 = _flat(start.params), _flat(s32.params), _flat(s16.params)
+  d32 = np.concatenate([(p32[k] - p0[k]).ravel() for k in p0])
+  d16 = np.concatenate([(p16[k] - p0[k]).ravel() for k in p0])
+  assert np.linalg.norm(d16 - d32) < 5e-2 * np.linalg.norm(d32)
+  np.testing.assert_allclose(s16.prototypes, s32.prototypes, atol=3e-2)
 
 
 def test_million_identity_classifier_and_memory_are_sharded_over_model():
@@ -216,6 +365,9 @@ def test_schedule_follows_epochs_of_different_lengths():
 
 def test_three_steps_match_torch_sgd_with_coupled_decay_and_clipping():
   config = uad.get_config("whumars1000")
+  wd = 0.05   # large enough that decay applied after momentum instead of before is visible
+  with config.unlocked():
+    config.optim.weight_decay = wd
   rng = np.random.RandomState(0)
   params = {"backbone": {"fc": {"kernel": rng.randn(4, 3), "bias": rng.randn(3)}},
             "bnneck": {"scale": rng.randn(3), "bias": np.zeros(3)}}
@@ -240,7 +392,7 @@ def test_three_steps_match_torch_sgd_with_coupled_decay_and_clipping():
     norm = np.sqrt(sum(np.sum(v**2) for v in gf.values()))
     coef = min(1.0, 1.0 / (norm + 1e-6))
     for n in names:
-      d = gf[n] * coef + 1e-4 * ref[n]
+      d = gf[n] * coef + wd * ref[n]
       buf[n] = d if buf[n] is None else 0.9 * buf[n] + d
       lr = np_lr(step + 1, 2 * b if "bias" in n else b, b)
       ref[n] = ref[n] - lr * buf[n]

@@ -135,17 +135,19 @@ def plot_matrix(results: dict, protocol: str, names, path) -> pathlib.Path:
 
 def write_report(results: dict, out_dir, prefix: str = "retrieval",
                  print_table: bool = True) -> dict:
-  """Prints the table; writes the JSON and figures to out_dir. → {"table", "json", "cmc", …}."""
+  """Prints the table; writes the figures, then the JSON, to out_dir. → {"table", "json", …}."""
   out_dir = pathlib.Path(out_dir)
   if results["truncated_top_k"] is not None:
     prefix = f"{prefix}_truncated_top{results['truncated_top_k']}"
   table = format_table(results)
   if print_table:
     print(table)
-  return {
+  written = {
       "table": table,
-      "json": write_json(results, out_dir / f"{prefix}.json"),
       "cmc": plot_cmc(results, out_dir / f"{prefix}_cmc.png"),
       "modality": plot_matrix(results, "modality", MODALITIES, out_dir / f"{prefix}_modality.png"),
       "scenario": plot_matrix(results, "scenario", SCENARIOS, out_dir / f"{prefix}_scenario.png"),
   }
+  # The JSON goes last: its presence says the whole report was written.
+  written["json"] = write_json(results, out_dir / f"{prefix}.json")
+  return written

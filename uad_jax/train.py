@@ -69,6 +69,14 @@ def _gather_rows(local):
   return np.asarray(multihost_utils.process_allgather(local, tiled=True))
 
 
+def report_dir(workdir: str, epoch: int) -> str:
+  return os.path.join(workdir, f"eval_epoch{epoch:03d}")
+
+
+def evaluation_due(config, epoch: int) -> bool:
+  return epoch % config.eval_every_epochs == 0 or epoch == config.optim.epochs
+
+
 def evaluate_state(state, config, mesh, workdir, epoch, log=print):
   datasets = input_pipeline.eval_datasets_from_config(
       config, config.eval_batch_size, process_index=jax.process_index(),
@@ -83,8 +91,7 @@ def evaluate_state(state, config, mesh, workdir, epoch, log=print):
       f"{features_s:.1f} s, metrics {time.perf_counter() - start - features_s:.1f} s\n"
       + evaluation_report.format_table(results))
   if jax.process_index() == 0:
-    evaluation_report.write_report(results, os.path.join(workdir, f"eval_epoch{epoch:03d}"),
-                                   print_table=False)
+    evaluation_report.write_report(results, report_dir(workdir, epoch), print_table=False)
   return results
 
 
@@ -127,11 +134,16 @@ def train_and_evaluate(config, workdir: str, log=print):
   step = int(state.step)
   history_path = os.path.join(workdir, "train_history.json")
   history = []
+  done = int(np.searchsorted(epoch_ends, step, side="right"))  # completed epochs
   if step and os.path.exists(history_path):
     with open(history_path) as f:
-      done = int(np.searchsorted(epoch_ends, step, side="right"))  # completed epochs
       history = [h for h in json.load(f) if h["epoch"] <= done]
   try:
+    # The checkpoint precedes the evaluation: one interrupted in between has no report yet.
+    if done and evaluation_due(config, done) and not os.path.exists(
+        os.path.join(report_dir(workdir, done), "retrieval.json")):
+      log(f"epoch {done}: its evaluation was interrupted; running it again")
+      evaluate_state(state, config, mesh, workdir, done, log)
     while step < plan.total_steps:
       epoch = int(np.searchsorted(epoch_ends, step, side="right")) + 1
       start, epoch_metrics = time.perf_counter(), []
@@ -154,7 +166,7 @@ def train_and_evaluate(config, workdir: str, log=print):
       if jax.process_index() == 0:
         text = json.dumps(history, indent=1).encode()
         evaluation_report.write_atomically(history_path, lambda f: f.write(text))
-      if epoch % config.eval_every_epochs == 0 or epoch == config.optim.epochs:
+      if evaluation_due(config, epoch):
         evaluate_state(state, config, mesh, workdir, epoch, log)
   finally:
     # An interrupted run still completes the checkpoint it was writing.

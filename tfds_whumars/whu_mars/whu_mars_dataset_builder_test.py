@@ -12,13 +12,13 @@ dummy_data/ was made with (see README.md):
       --crop_scale 0.3 --root_name WHU-MARS_2337
 """
 from pathlib import Path
+import re
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from tfds_whumars import build
-from tfds_whumars import raw_layout
 from tfds_whumars.whu_mars import whu_mars_dataset_builder
 
 DUMMY_DATA = Path(__file__).parent / "dummy_data"
@@ -47,25 +47,44 @@ def test_split_sizes(built):
       SPLITS[config])
 
 
+# Spec §1 stated here, apart from raw_layout, so the test does not share the builder's helpers:
+# split and modality folders, identity and camera from "<id>_c<camera>", cameras 1–5 ground
+# (5 ground nodes) and 6–7 aerial (2 UAVs), train labels 0..C−1 over the sorted train ids.
+SPEC_RAW_FOLDERS = {"whumars1000": "WHU-MARS", "whumars2337": "WHU-MARS_2337"}
+SPEC_SPLIT_FOLDERS = {"train": "train", "query": "query", "gallery": "test"}
+SPEC_MODALITY_FOLDERS = {"RGB": "RGB", "NIR": "IR", "TIR": "Thermal"}
+
+
+def _spec_fields(file_name):
+  split_folder, modality_folder, name = file_name.split("/")
+  person, camera = re.match(r"^(\d+)_c(\d+)_", name).groups()
+  camera = int(camera) - 1
+  return split_folder, modality_folder, int(person), camera, "aerial" if camera >= 5 else "ground"
+
+
 def test_examples_decode_and_match_their_file_names(built):
   config, builder = built
-  raw_root = DUMMY_DATA / raw_layout.RAW_FOLDERS[config]
+  raw_root = DUMMY_DATA / SPEC_RAW_FOLDERS[config]
   viewpoints = builder.info.features["viewpoint"]
   modalities = builder.info.features["modality"]
-  for split, source in builder.as_data_source().items():
+  sources = builder.as_data_source()
+  train_ids = sorted({_spec_fields(e["file_name"].decode())[2] for e in sources["train"]})
+  seen_viewpoints = set()
+  for split, source in sources.items():
     for example in source:
       file_name = example["file_name"].decode()
       assert (raw_root / file_name).is_file()
-      person_id, camera = raw_layout.parse_file_name(Path(file_name).name)
+      split_folder, modality_folder, person_id, camera, viewpoint = _spec_fields(file_name)
       assert (example["person_id"], example["camera"]) == (person_id, camera)
-      assert file_name.split("/")[0] == raw_layout.SPLIT_FOLDERS[split]
-      assert raw_layout.MODALITY_FOLDERS[modalities.int2str(example["modality"])] == (
-          file_name.split("/")[1])
-      assert viewpoints.int2str(example["viewpoint"]) == (
-          raw_layout.DEFAULT_CAMERA_VIEWPOINTS[camera])
+      assert split_folder == SPEC_SPLIT_FOLDERS[split]
+      assert SPEC_MODALITY_FOLDERS[modalities.int2str(example["modality"])] == modality_folder
+      assert viewpoints.int2str(example["viewpoint"]) == viewpoint
+      seen_viewpoints.add(viewpoint)
       image = example["image"]
       assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
-      assert (example["label"] >= 0) == (split == "train")
+      want_label = train_ids.index(person_id) if split == "train" else -1
+      assert example["label"] == want_label
+  assert seen_viewpoints == {"ground", "aerial"}
 
 
 def test_metadata_statistics_match_split_sizes(built):
