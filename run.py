@@ -1,26 +1,11 @@
-"""Trains and evaluates UAD. Flags only; the job itself is uad_jax.train.train_and_evaluate.
+"""Trains and evaluates UAD: ``python run.py --config=configs/uad.py:PRESET [--workdir=DIR]``.
 
-  python run.py --config=configs/uad.py:synthetic --workdir=workdir/synthetic
-  python run.py --config=configs/uad.py:whumars2337 --workdir=… \\
-      --config.dataset.manual_dir=/data/raw --config.pretrained=jx_vit_base_p16_224-80ecf9dd.pth
+The command and its flags are uad_jax.commands.train; this file is its entry point at the top of
+the repository.
 """
 from absl import app
-from absl import flags
-from ml_collections import config_flags
 
-from uad_jax import train
-
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/uad.py:synthetic",
-                                          "Config file and its argument.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/synthetic",
-                               "Checkpoints, evaluation reports and logs go here.")
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-
+from uad_jax.commands import train
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(train.main)

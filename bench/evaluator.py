@@ -25,7 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from uad_jax import evaluation  # noqa: E402
+from uad_jax.evaluation import metrics  # noqa: E402
 
 REFERENCE_CHUNK = 4000
 
@@ -127,7 +127,7 @@ def main():
   normalize = args.float_features
 
   def run_evaluator():
-    return evaluation.evaluate(*data, normalize=normalize, chunk_size=args.chunk_size)
+    return metrics.evaluate(*data, normalize=normalize, chunk_size=args.chunk_size)
 
   first_seconds, _ = timed(run_evaluator)
   evaluator_seconds, ours = best_of(args.repeats, run_evaluator)

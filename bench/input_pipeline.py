@@ -18,8 +18,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from uad_jax import input_pipeline  # noqa: E402
-from uad_jax import sampler  # noqa: E402
+from uad_jax.data import input_pipeline  # noqa: E402
+from uad_jax.data import sampler  # noqa: E402
 
 
 def build_synthetic(folder: str, ids: int) -> str:

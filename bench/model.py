@@ -16,7 +16,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from uad_jax import vit  # noqa: E402
+from uad_jax.models import vit  # noqa: E402
 
 
 def _time(fn, steps):

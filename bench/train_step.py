@@ -30,7 +30,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import uad  # noqa: E402
-from uad_jax import sharding, train_state, train_step, vit  # noqa: E402
+from uad_jax import sharding  # noqa: E402
+from uad_jax.models import vit  # noqa: E402
+from uad_jax.training import train_state, train_step  # noqa: E402
 
 
 def flops_per_image(variant, image_size, num_classes):

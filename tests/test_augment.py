@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from uad_jax import augment
+from uad_jax.data import augment
 
 H, W = 64, 32
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from configs import uad
-from uad_jax import checkpointing, sharding, train_state
+from uad_jax import sharding
+from uad_jax.training import checkpointing, train_state
 
 
 def test_round_trip_with_a_relative_directory_keeps_values_and_shardings(tmp_path, monkeypatch):

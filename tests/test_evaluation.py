@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from uad_jax import evaluation
+from uad_jax.evaluation import metrics
 
 # ---------------------------------------------------------------- independent NumPy statement
 
@@ -93,9 +93,9 @@ HAND_EXPECTED = {
 }
 
 
-@pytest.mark.parametrize("camera_rule", evaluation.CAMERA_RULES)
+@pytest.mark.parametrize("camera_rule", metrics.CAMERA_RULES)
 def test_hand_computed_single_query(camera_rule):
-  got = evaluation.evaluate([[0.]], query_ids=[7], query_cams=[0], camera_rule=camera_rule,
+  got = metrics.evaluate([[0.]], query_ids=[7], query_cams=[0], camera_rule=camera_rule,
                             max_rank=6, normalize=False, **HAND_GALLERY)
   want = HAND_EXPECTED[camera_rule]
   assert got["num_valid_queries"] == 1 and got["truncated_top_k"] is None
@@ -109,7 +109,7 @@ def test_ties_at_zero_distance_go_to_the_lower_index():
   # distractor ranks first. The same with the match first.
   for distractor_first, expected_ap in ((True, 0.5), (False, 1.0)):
     ids = [1, 7] if distractor_first else [7, 1]
-    got = evaluation.evaluate([[2., 1.]], [[2., 1.], [2., 1.], [0., 0.]], [7], ids + [3], [0],
+    got = metrics.evaluate([[2., 1.]], [[2., 1.], [2., 1.], [0., 0.]], [7], ids + [3], [0],
                               [1, 1, 1], normalize=False, max_rank=3)
     np.testing.assert_allclose(got["mAP"], expected_ap, atol=1e-7)
 
@@ -117,7 +117,7 @@ def test_ties_at_zero_distance_go_to_the_lower_index():
 # ---------------------------------------------------------------- against the reference
 
 
-@pytest.mark.parametrize("camera_rule", evaluation.CAMERA_RULES)
+@pytest.mark.parametrize("camera_rule", metrics.CAMERA_RULES)
 @pytest.mark.parametrize("num_query,num_gallery,chunk_size", [
     (37, 50, 3),      # chunks that do not divide the queries, several steps per device
     (90, 260, None),  # chunk from the default memory budget
@@ -125,7 +125,7 @@ def test_ties_at_zero_distance_go_to_the_lower_index():
 ])
 def test_matches_reference_on_integer_features(camera_rule, num_query, num_gallery, chunk_size):
   data = integer_retrieval_set(num_query + num_gallery, num_query, num_gallery)
-  got = evaluation.evaluate(*data, camera_rule=camera_rule, max_rank=10, normalize=False,
+  got = metrics.evaluate(*data, camera_rule=camera_rule, max_rank=10, normalize=False,
                             chunk_size=chunk_size)
   assert_same_metrics(got, reference_evaluate(*data, camera_rule=camera_rule, max_rank=10,
                                               normalize=False))
@@ -139,28 +139,28 @@ def test_matches_reference_on_normalized_features():
   feats = rng.randn(15, 32)[ids] + 0.8 * rng.randn(400, 32)
   cams = rng.randint(0, 5, 400)
   data = (feats[:60], feats[60:], ids[:60], ids[60:], cams[:60], cams[60:])
-  got = evaluation.evaluate(*data, chunk_size=7)
+  got = metrics.evaluate(*data, chunk_size=7)
   assert_same_metrics(got, reference_evaluate(*data), atol=1e-5)
   assert 0.1 < got["mAP"] < 0.99
 
 
 def test_small_memory_budget_gives_the_same_numbers():
   data = integer_retrieval_set(5, 29, 120)
-  tight = evaluation.evaluate(*data, normalize=False, memory_budget_bytes=16 * 128 * 3)
-  assert_same_metrics(tight, evaluation.evaluate(*data, normalize=False), atol=0)
+  tight = metrics.evaluate(*data, normalize=False, memory_budget_bytes=16 * 128 * 3)
+  assert_same_metrics(tight, metrics.evaluate(*data, normalize=False), atol=0)
 
 
 def test_positive_blocks_beyond_the_first():
   # Over 16 true matches per query: several positive blocks, some skipped by most chunks.
   data = integer_retrieval_set(11, 40, 600, num_ids=4, num_cams=3)
-  got = evaluation.evaluate(*data, normalize=False, chunk_size=4)
+  got = metrics.evaluate(*data, normalize=False, chunk_size=4)
   assert_same_metrics(got, reference_evaluate(*data, normalize=False))
 
 
 @pytest.mark.parametrize("per_device", [1, 30, 664, 665, 10_000, 123_457])
 def test_chunks_fit_the_budget_with_little_padding(per_device):
   budget, gallery = 512 * 2**20, 50_176
-  chunk = evaluation._chunk_size(per_device, gallery, None, budget)
+  chunk = metrics._chunk_size(per_device, gallery, None, budget)
   steps = -(-per_device // chunk)
   assert 16 * gallery * chunk <= budget or chunk <= 8
   assert steps * chunk - per_device < max(0.03 * per_device, 8 * steps)
@@ -169,14 +169,14 @@ def test_chunks_fit_the_budget_with_little_padding(per_device):
 def test_one_and_eight_devices_agree():
   assert len(jax.devices()) == 8   # tests/conftest.py
   data = integer_retrieval_set(7, 45, 300)
-  one = evaluation.evaluate(*data, normalize=False, chunk_size=4, devices=jax.devices()[:1])
-  eight = evaluation.evaluate(*data, normalize=False, chunk_size=4)
+  one = metrics.evaluate(*data, normalize=False, chunk_size=4, devices=jax.devices()[:1])
+  eight = metrics.evaluate(*data, normalize=False, chunk_size=4)
   assert_same_metrics(one, eight, atol=0)
 
 
 def test_no_valid_query_gives_nan():
   # Every gallery item sits in the query's camera.
-  got = evaluation.evaluate(np.eye(3), np.eye(3), [0, 1, 2], [0, 1, 2], [4, 4, 4], [4, 4, 4])
+  got = metrics.evaluate(np.eye(3), np.eye(3), [0, 1, 2], [0, 1, 2], [4, 4, 4], [4, 4, 4])
   assert got["num_valid_queries"] == 0
   assert np.isnan(got["mAP"]) and np.isnan(got["mINP"]) and np.isnan(got["cmc"]).all()
   assert len(got["cmc"]) == 50
@@ -188,10 +188,10 @@ def test_no_valid_query_gives_nan():
 @pytest.mark.parametrize("top_k", [1, 7, 40])
 def test_truncated_top_k_matches_reference_and_is_below_exact(top_k):
   data = integer_retrieval_set(13, 41, 150)
-  got = evaluation.evaluate(*data, normalize=False, top_k=top_k, chunk_size=6, max_rank=10)
+  got = metrics.evaluate(*data, normalize=False, top_k=top_k, chunk_size=6, max_rank=10)
   assert got["truncated_top_k"] == top_k
   assert_same_metrics(got, reference_evaluate(*data, normalize=False, top_k=top_k, max_rank=10))
-  exact = evaluation.evaluate(*data, normalize=False, chunk_size=6, max_rank=10)
+  exact = metrics.evaluate(*data, normalize=False, chunk_size=6, max_rank=10)
   assert got["num_valid_queries"] == exact["num_valid_queries"]
   assert got["mAP"] < exact["mAP"] and got["mINP"] < exact["mINP"]
   assert np.all(got["cmc"] <= exact["cmc"])
@@ -199,8 +199,8 @@ def test_truncated_top_k_matches_reference_and_is_below_exact(top_k):
 
 def test_truncation_past_the_gallery_is_exact():
   data = integer_retrieval_set(17, 20, 64)
-  whole = evaluation.evaluate(*data, normalize=False, top_k=64)
-  assert_same_metrics(whole, evaluation.evaluate(*data, normalize=False), atol=0)
+  whole = metrics.evaluate(*data, normalize=False, top_k=64)
+  assert_same_metrics(whole, metrics.evaluate(*data, normalize=False), atol=0)
 
 
 # ---------------------------------------------------------------- input checks
@@ -221,4 +221,4 @@ def test_bad_input_names_the_argument(change, message):
               query_ids=[0, 1, 2, 3], gallery_ids=np.arange(6), query_cams=[0] * 4,
               gallery_cams=[1] * 6)
   with pytest.raises(ValueError, match=message):
-    evaluation.evaluate(**{**args, **change})
+    metrics.evaluate(**{**args, **change})

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from uad_jax import evaluation, evaluation_protocols, evaluation_report
-from uad_jax.evaluation_protocols import ARROW, MODALITIES, SCENARIOS, VIEWPOINTS, RetrievalSide
+from uad_jax.evaluation import metrics, protocols, report
+from uad_jax.evaluation.protocols import ARROW, MODALITIES, SCENARIOS, VIEWPOINTS, RetrievalSide
 
 GROUND_CAMS, AERIAL_CAMS = (0, 1, 2, 3, 4), (5, 6)
 
@@ -28,12 +28,12 @@ QUERY, GALLERY = synthetic_side(1, 90), synthetic_side(2, 300)
 
 @pytest.fixture(scope="module")
 def exact():
-  return evaluation_protocols.evaluate_protocols(QUERY, GALLERY, max_rank=20)
+  return protocols.evaluate_protocols(QUERY, GALLERY, max_rank=20)
 
 
 @pytest.fixture(scope="module")
 def truncated():
-  return evaluation_protocols.evaluate_protocols(QUERY, GALLERY, max_rank=20, top_k=12)
+  return protocols.evaluate_protocols(QUERY, GALLERY, max_rank=20, top_k=12)
 
 
 def test_cells_of_every_protocol(exact):
@@ -55,7 +55,7 @@ def test_cells_of_every_protocol(exact):
     q, g = (_scenario_subset(side, scenario)
             for side, scenario in zip((QUERY, GALLERY), name.split(ARROW)))
     assert (cell["num_queries"], cell["num_gallery"]) == (len(q.feats), len(g.feats)), name
-    direct = evaluation.evaluate(q.feats, g.feats, q.ids, g.ids, q.cams, g.cams, max_rank=20)
+    direct = metrics.evaluate(q.feats, g.feats, q.ids, g.ids, q.cams, g.cams, max_rank=20)
     assert cell["num_valid_queries"] == direct["num_valid_queries"], name
     if direct["num_valid_queries"]:
       assert cell["mAP"] == direct["mAP"], name
@@ -70,7 +70,7 @@ def _scenario_subset(side, scenario):
 def test_a_cell_is_evaluate_on_its_subsets(exact):
   q = QUERY.subset(QUERY.modalities == 2)
   g = GALLERY.subset(GALLERY.modalities == 0)
-  direct = evaluation.evaluate(q.feats, g.feats, q.ids, g.ids, q.cams, g.cams, max_rank=20)
+  direct = metrics.evaluate(q.feats, g.feats, q.ids, g.ids, q.cams, g.cams, max_rank=20)
   cell = exact["protocols"]["cross_spectral"][f"TIR{ARROW}RGB"]
   assert cell["mAP"] == direct["mAP"] and cell["num_valid_queries"] == direct["num_valid_queries"]
   np.testing.assert_array_equal(cell["cmc"], direct["cmc"])
@@ -92,7 +92,7 @@ def test_truncated_cells_are_labelled_and_at_most_exact(exact, truncated):
 @pytest.mark.parametrize("results_name", ["exact", "truncated"])
 def test_report_files(results_name, request, tmp_path):
   results = request.getfixturevalue(results_name)
-  written = evaluation_report.write_report(results, tmp_path, print_table=False)
+  written = report.write_report(results, tmp_path, print_table=False)
   table = written["table"]
   assert ("TRUNCATED top-12" in table) == (results_name == "truncated")
   assert len(table.splitlines()) == 3 + 1 + 9 + 2 + 36 + 6
@@ -115,11 +115,11 @@ def test_report_files(results_name, request, tmp_path):
 def test_empty_cells_are_reported_as_missing(tmp_path):
   # No aerial query: aerial→ground has no query; its metrics are NaN, written as null / n/a.
   ground_only = QUERY.subset(QUERY.viewpoints == 0)
-  results = evaluation_protocols.evaluate_protocols(ground_only, GALLERY, max_rank=10)
+  results = protocols.evaluate_protocols(ground_only, GALLERY, max_rank=10)
   cell = results["protocols"]["viewpoint"][f"aerial{ARROW}ground"]
   assert cell["num_queries"] == 0 and np.isnan(cell["mAP"])
-  assert "n/a" in evaluation_report.format_table(results)
-  path = evaluation_report.write_json(results, tmp_path / "r.json")
+  assert "n/a" in report.format_table(results)
+  path = report.write_json(results, tmp_path / "r.json")
   with open(path, encoding="utf-8") as f:
     assert json.load(f)["protocols"]["viewpoint"][f"aerial{ARROW}ground"]["mAP"] is None
 
@@ -133,7 +133,7 @@ def test_failed_write_keeps_the_old_file(tmp_path):
     raise RuntimeError("disk full")
 
   with pytest.raises(RuntimeError):
-    evaluation_report.write_atomically(path, fail)
+    report.write_atomically(path, fail)
   assert path.read_text() == "old" and len(list(tmp_path.iterdir())) == 1
 
 

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from configs import uad
-from uad_jax import augment
-from uad_jax import input_pipeline
-from uad_jax import sampler
+from uad_jax.data import augment
+from uad_jax.data import input_pipeline
+from uad_jax.data import sampler
 
 SIZE = (32, 16)
 SEED = 5

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from uad_jax import losses, prototypes
+from uad_jax.training import losses, prototypes
 
 M, P, K, D = 3, 4, 2, 16
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from uad_jax import precision, reid_model, vit
+from uad_jax.models import precision, reid_model, vit
 
 IMAGE = (64, 32)
 

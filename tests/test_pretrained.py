@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from uad_jax import pretrained, reid_model
+from uad_jax.models import pretrained, reid_model
 from uad_jax.testing import timm_peer
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")

@@ -4,7 +4,7 @@ import collections
 import numpy as np
 import pytest
 
-from uad_jax import sampler
+from uad_jax.data import sampler
 
 M = 3
 

@@ -16,7 +16,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from uad_jax import torch_pickle
+from uad_jax.models import torch_pickle
 
 
 def _global(module: str, name: str):

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from configs import uad
-from uad_jax import evaluation, input_pipeline, train, train_state
+from uad_jax.data import input_pipeline
+from uad_jax.evaluation import metrics
+from uad_jax.training import loop, train_state
 
 
 def _config(tmp_path, epochs=2):
@@ -47,7 +49,7 @@ class _StopAfterFirstEvaluation(Exception):
 def test_resumed_run_ends_where_an_unbroken_one_does(tmp_path):
   config = _config(tmp_path)
   logs = []
-  unbroken = jax.device_get(train.train_and_evaluate(config, str(tmp_path / "a"),
+  unbroken = jax.device_get(loop.train_and_evaluate(config, str(tmp_path / "a"),
                                                      log=logs.append))
   assert any(line.startswith("epoch 2/2") for line in logs)
   report = json.loads((tmp_path / "a" / "eval_epoch002" / "retrieval.json").read_text())
@@ -56,7 +58,7 @@ def test_resumed_run_ends_where_an_unbroken_one_does(tmp_path):
   # The report is the final model's retrieval on the test split under the configured rule.
   q_feats, q_ids, q_cams = _retrieval_side(config, unbroken.params, "query")
   g_feats, g_ids, g_cams = _retrieval_side(config, unbroken.params, "gallery")
-  want = {rule: evaluation.evaluate(q_feats, g_feats, q_ids, g_ids, q_cams, g_cams,
+  want = {rule: metrics.evaluate(q_feats, g_feats, q_ids, g_ids, q_cams, g_cams,
                                     camera_rule=rule) for rule in ("market", "sysu")}
   assert want["market"]["mAP"] != want["sysu"]["mAP"]      # the rule matters on this split
   assert as_reid["num_valid_queries"] == want["market"]["num_valid_queries"] > 0
@@ -70,9 +72,9 @@ def test_resumed_run_ends_where_an_unbroken_one_does(tmp_path):
     if line.startswith("epoch 1:"):           # the evaluation line, after the checkpoint
       raise _StopAfterFirstEvaluation
   with pytest.raises(_StopAfterFirstEvaluation):
-    train.train_and_evaluate(config, str(tmp_path / "b"), log=interrupt_after_first_eval)
+    loop.train_and_evaluate(config, str(tmp_path / "b"), log=interrupt_after_first_eval)
   resumed_logs = []
-  resumed = jax.device_get(train.train_and_evaluate(config, str(tmp_path / "b"),
+  resumed = jax.device_get(loop.train_and_evaluate(config, str(tmp_path / "b"),
                                                     log=resumed_logs.append))
   assert any(line.startswith("resumed from step") for line in resumed_logs)
   assert not any(line.startswith("epoch 1/2") for line in resumed_logs)
@@ -96,7 +98,7 @@ def test_too_few_classes_in_the_config_fail_clearly(tmp_path):
   with config.unlocked():
     config.num_classes = 2
   with pytest.raises(ValueError, match="config.num_classes=2 but the train split has"):
-    train.train_and_evaluate(config, str(tmp_path / "w"), log=lambda _: None)
+    loop.train_and_evaluate(config, str(tmp_path / "w"), log=lambda _: None)
 
 
 def test_a_batch_the_data_axis_does_not_divide_fails_clearly(tmp_path):
@@ -104,4 +106,4 @@ def test_a_batch_the_data_axis_does_not_divide_fails_clearly(tmp_path):
   with config.unlocked():
     config.mesh = (("data", 8), ("model", 1))
   with pytest.raises(ValueError, match="R·M·P·K = 12 is not divisible by the 8 devices"):
-    train.train_and_evaluate(config, str(tmp_path / "w"), log=lambda _: None)
+    loop.train_and_evaluate(config, str(tmp_path / "w"), log=lambda _: None)

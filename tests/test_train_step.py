@@ -6,7 +6,9 @@ import pytest
 from flax import traverse_util
 
 from configs import uad
-from uad_jax import losses, optim, prototypes, reid_model, sharding, train_state, train_step
+from uad_jax import sharding
+from uad_jax.models import reid_model
+from uad_jax.training import losses, optim, prototypes, train_state, train_step
 
 NUM_CLASSES = 16
 M, P, K = 3, 4, 2

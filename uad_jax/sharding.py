@@ -1,8 +1,9 @@
 """Meshes and logical-axis sharding from config data.
 
-The model names its parameter and activation axes (``uad_jax.vit``); ``config.sharding_rules``
-maps those names to mesh axes. Data parallelism, FSDP over the data axis and an identity-sharded
-classifier and prototype memory are therefore rule changes, not code changes.
+The model names its parameter and activation axes (``uad_jax.models.vit``);
+``config.sharding_rules`` maps those names to mesh axes. Data parallelism, FSDP over the data axis
+and an identity-sharded classifier and prototype memory are therefore rule changes, not code
+changes.
 """
 import contextlib
 import math

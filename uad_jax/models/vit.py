@@ -2,7 +2,7 @@
 
 Parameters are fp32 and carry logical axis names; the sharding rules that map them to a mesh are
 config data (``uad_jax.sharding``). ``dtype`` selects the compute dtype of the matrix products only
-(``uad_jax.precision``); the residual stream, LayerNorms and softmax stay fp32.
+(``uad_jax.models.precision``); the residual stream, LayerNorms and softmax stay fp32.
 """
 import dataclasses
 from typing import Any
@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uad_jax import precision
+from uad_jax.models import precision
 
 # width, depth, heads, mlp width. "mu" is a tiny model for CPU tests and the synthetic demo.
 VARIANTS = {

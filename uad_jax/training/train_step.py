@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from uad_jax import losses, optim, prototypes, sharding
-from uad_jax.train_state import StepConfig, TrainState
+from uad_jax import sharding
+from uad_jax.training import losses, optim, prototypes
+from uad_jax.training.train_state import StepConfig, TrainState
 
 
 def group_objective(feats, logits, labels, memory, cfg: StepConfig):

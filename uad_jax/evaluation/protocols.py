@@ -1,4 +1,4 @@
-"""The WHU-MARS evaluation protocols (spec §7), each cell one `evaluation.evaluate` call.
+"""The WHU-MARS evaluation protocols (spec §7), each cell one `metrics.evaluate` call.
 
 - AS-ReID: every query against the whole mixed gallery.
 - modality: the 3×3 query-modality × gallery-modality matrix, each cell on its own sub-gallery.
@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from uad_jax import evaluation
+from uad_jax.evaluation import metrics
 
 MODALITIES = ("RGB", "NIR", "TIR")
 VIEWPOINTS = ("ground", "aerial")
@@ -79,7 +79,7 @@ def evaluate_protocols(query: RetrievalSide, gallery: RetrievalSide, *, camera_r
   """Metrics of every protocol cell.
 
   Returns {"camera_rule", "truncated_top_k", "protocols": {protocol: {cell: metrics}}} where a
-  cell's metrics are those of `evaluation.evaluate` plus "num_gallery". `evaluate_kwargs` go to
+  cell's metrics are those of `metrics.evaluate` plus "num_gallery". `evaluate_kwargs` go to
   every `evaluate` call (normalize, devices, chunk_size, memory_budget_bytes).
   """
   protocols = {}
@@ -87,10 +87,10 @@ def evaluate_protocols(query: RetrievalSide, gallery: RetrievalSide, *, camera_r
     protocols[protocol] = {}
     for name, (query_mask, gallery_mask) in cells.items():
       q, g = query.subset(query_mask), gallery.subset(gallery_mask)
-      metrics = evaluation.evaluate(q.feats, g.feats, q.ids, g.ids, q.cams, g.cams,
-                                    camera_rule=camera_rule, top_k=top_k, max_rank=max_rank,
-                                    **evaluate_kwargs)
-      protocols[protocol][name] = {**metrics, "num_gallery": len(g.feats)}
-  protocols["cross_spectral"] = {name: metrics for name, metrics in protocols["modality"].items()
+      cell = metrics.evaluate(q.feats, g.feats, q.ids, g.ids, q.cams, g.cams,
+                              camera_rule=camera_rule, top_k=top_k, max_rank=max_rank,
+                              **evaluate_kwargs)
+      protocols[protocol][name] = {**cell, "num_gallery": len(g.feats)}
+  protocols["cross_spectral"] = {name: cell for name, cell in protocols["modality"].items()
                                  if len(set(name.split(ARROW))) == 2}
   return {"camera_rule": camera_rule, "truncated_top_k": top_k, "protocols": protocols}

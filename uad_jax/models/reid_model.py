@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from uad_jax import vit
+from uad_jax.models import vit
 
 
 class BNNeck(nn.Module):

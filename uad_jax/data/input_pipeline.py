@@ -1,8 +1,9 @@
 """Grain input pipeline: P×M×K train steps and padded eval batches of WHU-MARS.
 
-The only uad_jax module that imports grain or tfds. Records come from any random-access source
-(`len(source)`, `source[i]` → dict with the whu_mars features below): a `tfds.data_source` split
-opened by `open_split`, or a plain list of dicts in tests.
+The only uad_jax module that imports grain or tfds itself (data.prepare builds datasets through
+tfds_whumars). Records come from any random-access source (`len(source)`, `source[i]` → dict with
+the whu_mars features below): a `tfds.data_source` split opened by `open_split`, or a plain list of
+dicts in tests.
 
 Train stream: the images in the order the sampler plans them (epoch 0, 1, …; step by step; rows
 of a step in its group-major, modality-major layout), decoded and augmented in chunks of
@@ -37,8 +38,8 @@ from absl import flags
 import grain
 import numpy as np
 
-from uad_jax import augment
-from uad_jax import sampler as sampler_lib
+from uad_jax.data import augment
+from uad_jax.data import sampler as sampler_lib
 
 # Feature names of a whu_mars record (tfds_whumars/whu_mars builder).
 IMAGE = "image"  # encoded JPEG bytes (opened with tfds decoding skipped) or a uint8 array

@@ -27,7 +27,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from uad_jax.losses import l2_normalize
+from uad_jax.numerics import l2_normalize
 
 CAMERA_RULES = ("sysu", "market", "none")
 # Per device; a chunk of queries holds about _BYTES_PER_DISTANCE bytes per (query, gallery) pair.

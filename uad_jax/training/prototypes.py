@@ -2,7 +2,7 @@
 import jax
 import jax.numpy as jnp
 
-from uad_jax import losses
+from uad_jax import numerics
 
 
 def update(prototypes: jax.Array, center_ids: jax.Array, centers: jax.Array,
@@ -15,13 +15,13 @@ def update(prototypes: jax.Array, center_ids: jax.Array, centers: jax.Array,
   flag: the train step's "this step was finite") writes the old rows back unchanged.
   """
   prototypes = jnp.asarray(prototypes)
-  centers = losses.at_least_f32(jax.lax.stop_gradient(centers))
+  centers = numerics.at_least_f32(jax.lax.stop_gradient(centers))
   same_id = (center_ids[:, None] == center_ids[None, :]).astype(jnp.float32)
-  mean_centers = losses.l2_normalize(
+  mean_centers = numerics.l2_normalize(
       jnp.dot(same_id, centers, precision=jax.lax.Precision.HIGHEST)
       / jnp.sum(same_id, axis=1, keepdims=True))
-  old = losses.at_least_f32(prototypes[center_ids])
-  new = losses.l2_normalize((1.0 - momentum) * old + momentum * mean_centers)
+  old = numerics.at_least_f32(prototypes[center_ids])
+  new = numerics.l2_normalize((1.0 - momentum) * old + momentum * mean_centers)
   new = jnp.where(enabled, new, old)
   # Duplicate ids scatter identical rows, so the write order does not matter.
   return prototypes.at[center_ids].set(new.astype(prototypes.dtype))

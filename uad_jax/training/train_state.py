@@ -17,7 +17,9 @@ from flax import struct
 from flax import traverse_util
 from jax.sharding import PartitionSpec
 
-from uad_jax import optim, pretrained, reid_model, sharding
+from uad_jax import sharding
+from uad_jax.models import pretrained, reid_model
+from uad_jax.training import optim
 
 LOSS_TERMS = {"base": (), "base+proca": ("proca",), "base+gpd": ("gpd",),
               "uad": ("proca", "gpd")}

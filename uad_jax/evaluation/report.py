@@ -1,4 +1,4 @@
-"""Outputs of `evaluation_protocols.evaluate_protocols`: a text table, a JSON file, PNG figures.
+"""Outputs of `protocols.evaluate_protocols`: a text table, a JSON file, PNG figures.
 
 Files are written atomically (a temporary file in the same folder, then a rename), so a reader
 never sees half a file. matplotlib is imported only by the figure functions, through its
@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from uad_jax.evaluation_protocols import ARROW, MODALITIES, SCENARIOS
+from uad_jax.evaluation.protocols import ARROW, MODALITIES, SCENARIOS
 
 REPORTED_RANKS = (1, 5, 10)
 CMC_CURVES = (("as_reid", f"all{ARROW}all"), ("viewpoint", f"aerial{ARROW}ground"),
@@ -131,6 +131,11 @@ def plot_matrix(results: dict, protocol: str, names, path) -> pathlib.Path:
            title=f"{protocol}: mAP / R1 (%)\n{mode_label(results)}")
   figure.colorbar(image, ax=axes, label="mAP (%)")
   return _save_png(figure, path)
+
+
+def report_complete(out_dir, prefix: str = "retrieval") -> bool:
+  """Whether `write_report` finished in out_dir: its JSON is written last."""
+  return (pathlib.Path(out_dir) / f"{prefix}.json").exists()
 
 
 def write_report(results: dict, out_dir, prefix: str = "retrieval",

@@ -19,7 +19,7 @@ import re
 import numpy as np
 from flax import traverse_util
 
-from uad_jax import torch_pickle
+from uad_jax.models import torch_pickle
 
 _GOOGLE_BLOCK = re.compile(r"^Transformer/encoderblock_(\d+)/(.+)$")
 _TIMM_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")

@@ -7,21 +7,9 @@ full-precision dots (TPU defaults to bf16 passes otherwise), whatever the backbo
 import jax
 import jax.numpy as jnp
 
+from uad_jax.numerics import NORMALIZE_EPS, at_least_f32, l2_normalize
+
 _HI = jax.lax.Precision.HIGHEST
-# torch.nn.functional.normalize's default eps.
-_NORMALIZE_EPS = 1e-12
-
-
-def at_least_f32(x: jax.Array) -> jax.Array:
-  """fp32 for bf16/fp16 inputs; float64 stays float64 (finite-difference tests run in it)."""
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
-def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-  """x / max(|x|, 1e-12): zero rows stay zero, as in torch's F.normalize."""
-  x = at_least_f32(x)
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, _NORMALIZE_EPS)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -106,7 +94,7 @@ def gpd(feats: jax.Array, labels: jax.Array, prototypes: jax.Array, center_ids: 
   centers = at_least_f32(jax.lax.stop_gradient(centers))
   f = l2_normalize(feats)
   row_norms = jnp.sqrt(jnp.sum(jnp.square(protos), axis=1))
-  logits = jnp.dot(f, protos.T, precision=_HI) / jnp.maximum(row_norms, _NORMALIZE_EPS)
+  logits = jnp.dot(f, protos.T, precision=_HI) / jnp.maximum(row_norms, NORMALIZE_EPS)
   use_center = row_norms[center_ids] < 1e-6
   center_logits = jnp.dot(f, l2_normalize(centers).T, precision=_HI)
   patched = jnp.where(use_center[None, :], center_logits, logits[:, center_ids])
