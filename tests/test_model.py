@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from uad_jax.models import precision, reid_model, vit
 
@@ -163,8 +164,9 @@ def test_mixed_precision_products_and_their_gradients(dtype):
       np.testing.assert_allclose(g, r, rtol=tol, atol=tol * 5)
 
 
-def test_bf16_model_tracks_fp32_features_and_gradients():
-  kwargs = dict(num_classes=7, variant="mu/16", image_size=IMAGE, stochastic_depth=0.0)
+@pytest.mark.parametrize("stem", ["patch", "ics"])
+def test_bf16_model_tracks_fp32_features_and_gradients(stem):
+  kwargs = dict(num_classes=7, variant="mu/16", image_size=IMAGE, stochastic_depth=0.0, stem=stem)
   m32 = reid_model.UADNet(**kwargs)
   m16 = reid_model.UADNet(**kwargs, dtype=jnp.bfloat16)
   x, variables = _init(m32)
@@ -179,7 +181,13 @@ def test_bf16_model_tracks_fp32_features_and_gradients():
   for_32, g32 = jax.value_and_grad(loss)(variables["params"], m32)
   for_16, g16 = jax.value_and_grad(loss)(variables["params"], m16)
   np.testing.assert_allclose(for_16, for_32, rtol=2e-2, atol=2e-2)
-  for a, b in zip(jax.tree.leaves(nn.unbox(g16)), jax.tree.leaves(nn.unbox(g32))):
+  flat32 = traverse_util.flatten_dict(nn.unbox(g32), sep="/")
+  for name, a in traverse_util.flatten_dict(nn.unbox(g16), sep="/").items():
+    b = flat32[name]
     assert a.dtype == jnp.float32
     # bf16 products carry ~3 significant digits; the 4-sample BNNeck amplifies that a little.
-    assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 5e-2
+    # Behind the ICS stem's IN/BN normalisations it grows more: its gradients differ by up to
+    # ~15% here (3-5% with fp32 stem convs, so it is the stem's own bf16 rounding, not its
+    # backward products, which match autodiff's exactly in fp32).
+    bound = 0.2 if name.startswith("backbone/stem/") else 5e-2
+    assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < bound, name

@@ -83,3 +83,60 @@ def bmm(a: jax.Array, b: jax.Array, dtype) -> jax.Array:
   if jnp.dtype(dtype) == _F32:
     return jnp.matmul(a.astype(_F32), b.astype(_F32))
   return _lowp_bmm(a, b, jnp.dtype(dtype), a.dtype, b.dtype)
+
+
+# Convolutions (the ICS stem): NHWC images, HWIO kernels. Autodiff's transposes of a conv with an
+# fp32 result would upcast the stored low-precision operand and run in fp32, so the two backward
+# convs are stated here, again with low-precision operands and fp32 results.
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv(x, w, strides, padding):
+  return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC,
+                                      preferred_element_type=_F32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _lowp_conv(x, w, dtype, x_dtype, w_dtype, strides, padding):
+  del x_dtype, w_dtype
+  return _conv(x.astype(dtype), w.astype(dtype), strides, padding)
+
+
+def _lowp_conv_fwd(x, w, dtype, x_dtype, w_dtype, strides, padding):
+  xl, wl = x.astype(dtype), w.astype(dtype)
+  return _lowp_conv(xl, wl, dtype, x_dtype, w_dtype, strides, padding), (xl, wl)
+
+
+def _lowp_conv_bwd(dtype, x_dtype, w_dtype, strides, padding, res, g):
+  xl, wl = res
+  gl = g.astype(dtype)
+  in_hw, kernel_hw, out_hw = xl.shape[1:3], wl.shape[:2], g.shape[1:3]
+  # Input gradient: the cotangent dilated by the stride, correlated with the flipped kernel; the
+  # padding makes the output exactly the input's size. Kernel gradient: the padded input
+  # correlated with the stride-dilated cotangent, batch and channel axes swapped.
+  dx_pad, dw_pad = [], []
+  for n_in, k, n_out, s, (lo, _) in zip(in_hw, kernel_hw, out_hw, strides, padding):
+    dx_pad.append((k - 1 - lo, n_in + lo - 1 - (n_out - 1) * s))
+    dw_pad.append((lo, k + (n_out - 1) * s - n_in - lo))
+  dx = jax.lax.conv_general_dilated(
+      gl, jnp.flip(wl, (0, 1)), (1, 1), dx_pad, lhs_dilation=strides,
+      dimension_numbers=("NHWC", "HWOI", "NHWC"), preferred_element_type=_F32)
+  dw = jax.lax.conv_general_dilated(
+      xl, gl, (1, 1), dw_pad, rhs_dilation=strides,
+      dimension_numbers=("CHWN", "IHWO", "HWNC"), preferred_element_type=_F32)
+  return dx.astype(x_dtype), dw.astype(w_dtype)
+
+
+_lowp_conv.defvjp(_lowp_conv_fwd, _lowp_conv_bwd)
+
+
+def conv(x: jax.Array, kernel: jax.Array, dtype, strides=(1, 1), padding=((0, 0), (0, 0))):
+  """2-D convolution of NHWC ``x`` with an HWIO ``kernel`` computed in ``dtype``; fp32 result.
+
+  ``padding`` is explicit ((top, bottom), (left, right)), as torch's symmetric integer padding.
+  """
+  strides = tuple(int(s) for s in strides)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if jnp.dtype(dtype) == _F32:
+    return _conv(x.astype(_F32), kernel.astype(_F32), strides, padding)
+  return _lowp_conv(x, kernel, jnp.dtype(dtype), x.dtype, kernel.dtype, strides, padding)

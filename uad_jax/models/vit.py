@@ -3,6 +3,10 @@
 Parameters are fp32 and carry logical axis names; the sharding rules that map them to a mesh are
 config data (``uad_jax.sharding``). ``dtype`` selects the compute dtype of the matrix products only
 (``uad_jax.models.precision``); the residual stream, LayerNorms and softmax stay fp32.
+
+Two stems put the image into tokens: ``"patch"``, the plain stride-16 patch projection, and
+``"ics"``, the reference's ``vit_ics_lup`` convolutional stem (``conv_stem``) before a stride-8
+projection of its half-resolution map. Both give the same token grid and the same body.
 """
 import dataclasses
 from typing import Any
@@ -12,15 +16,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uad_jax.models import precision
+from uad_jax.models import conv_stem, precision
 
-# width, depth, heads, mlp width. "mu" is a tiny model for CPU tests and the synthetic demo.
+# width, depth, heads, mlp width, ICS stem channels. "mu" is a tiny model for CPU tests and the
+# synthetic demo. Its stem is 16 channels, not the reference's 64: a 64-channel stem's 8·8·64 → 64
+# projection alone would hold 4× the parameters of mu's two blocks.
 VARIANTS = {
-    "mu": (64, 2, 2, 128),
-    "Ti": (192, 12, 3, 768),
-    "S": (384, 12, 6, 1536),
-    "B": (768, 12, 12, 3072),
+    "mu": (64, 2, 2, 128, 16),
+    "Ti": (192, 12, 3, 768, 64),
+    "S": (384, 12, 6, 1536, 64),
+    "B": (768, 12, 12, 3072, 64),
 }
+STEMS = ("patch", "ics")
 
 # Logical axis names. Activations get names of their own so that an FSDP rule on parameter
 # axes never shards activations by accident.
@@ -33,6 +40,7 @@ class ViTShape:
   depth: int
   heads: int
   mlp_dim: int
+  stem_width: int
   patch: int
 
 
@@ -144,22 +152,40 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-  """Maps NHWC images to the final-LayerNorm CLS token (fp32)."""
+  """Maps NHWC images to the final-LayerNorm CLS token (fp32).
+
+  With ``stem="ics"`` the stem's BatchNorms compute per-replica-group statistics over
+  ``bn_groups`` contiguous row blocks in training, and evaluation needs their ``batch_stats``.
+  """
   variant: str = "B/16"
   image_size: tuple[int, int] = (256, 128)
   stochastic_depth: float = 0.1
   dtype: Any = jnp.float32
+  stem: str = "patch"                 # "patch" | "ics" (STEMS)
+  stem_width: int | None = None       # ICS stem channels; None: the variant's (VARIANTS)
+  bn_groups: int = 1                  # replica groups of the ICS stem's BatchNorms
 
   @nn.compact
   def __call__(self, images, train: bool = False):
     shape = parse_variant(self.variant)
-    b, h, w, c = images.shape
+    b, h, w, _ = images.shape
     p = shape.patch
     if (h, w) != tuple(self.image_size):
       raise ValueError(f"images are {h}×{w}, the model was built for {self.image_size}")
+    if self.stem not in STEMS:
+      raise ValueError(f"unknown ViT stem {self.stem!r}; expected one of {STEMS}")
     gh, gw = h // p, w // p
+    x = images
+    if self.stem == "ics":
+      if p % conv_stem.STRIDE:
+        raise ValueError(f"the ICS stem halves the image, so the patch size of {self.variant!r} "
+                         "must be even")
+      x = conv_stem.ICSStem(self.stem_width or shape.stem_width, self.bn_groups, self.dtype,
+                            name="stem")(images, train)
+      p //= conv_stem.STRIDE
+    c = x.shape[-1]
     # Stride-p patch embedding as a product: (ph, pw, c) flattening matches an HWIO conv kernel.
-    patches = images.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
+    patches = x.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
     patches = patches.reshape(b, gh * gw, p * p * c)
     x = Dense(shape.width, ("patch", "embed"), self.dtype, name="patch_embed",
               kernel_init=nn.with_logical_partitioning(
