@@ -1,4 +1,7 @@
-"""The jitted evaluator against a brute-force NumPy statement of the metrics (spec §7)."""
+"""The jitted evaluator against a brute-force NumPy statement of the metrics (spec §7); the chance
+level against every ranking and against random features."""
+import itertools
+
 import jax
 import numpy as np
 import pytest
@@ -222,3 +225,69 @@ def test_bad_input_names_the_argument(change, message):
               gallery_cams=[1] * 6)
   with pytest.raises(ValueError, match=message):
     metrics.evaluate(**{**args, **change})
+
+
+# ---------------------------------------------------------------- chance level
+
+
+def enumerated_chance(num_kept, num_true, max_rank):
+  """Textbook expectation over every equally likely set of ranks of the true matches."""
+  aps, inps, cmcs = [], [], []
+  for ranks in itertools.combinations(range(1, num_kept + 1), num_true):
+    aps.append(np.mean([hit / rank for hit, rank in enumerate(ranks, start=1)]))
+    inps.append(num_true / ranks[-1])
+    cmcs.append([ranks[0] <= r for r in range(1, max_rank + 1)])
+  return np.mean(aps), np.mean(inps), np.mean(cmcs, axis=0)
+
+
+def test_chance_level_by_hand():
+  # Query: identity 7, camera 0. Gallery items 0 and 2 share its identity, item 2 its camera.
+  gallery = dict(gallery_ids=[7, 3, 7], gallery_cams=[1, 2, 0])
+  # sysu and market drop item 2: N = 2, n = 1. E[AP] = E[INP] = (1 + 1/2)/2, R1 = 1/2.
+  for rule in ("sysu", "market"):
+    got = metrics.chance_level([7], query_cams=[0], camera_rule=rule, max_rank=3, **gallery)
+    np.testing.assert_allclose([got["mAP"], got["mINP"]], [0.75, 0.75])
+    np.testing.assert_allclose(got["cmc"], [0.5, 1, 1])
+  # "none" keeps all: N = 3, n = 2. True matches at ranks {1,2}, {1,3}, {2,3}: AP 1, 5/6, 7/12
+  # (mean 29/36, the formula's (H_3 + (3 − H_3)/2)/3); INP 1, 2/3, 2/3; R1 2/3.
+  got = metrics.chance_level([7], query_cams=[0], camera_rule="none", max_rank=2, **gallery)
+  np.testing.assert_allclose([got["mAP"], got["mINP"]], [29 / 36, 7 / 9])
+  np.testing.assert_allclose(got["cmc"], [2 / 3, 1])
+  assert got["num_valid_queries"] == 1
+
+
+@pytest.mark.parametrize("num_kept", range(1, 8))
+def test_chance_level_is_the_mean_over_every_ranking(num_kept):
+  for num_true in range(1, num_kept + 1):
+    # One query (id 1, camera 0); under sysu the camera-0 items (id 1 and others) are dropped.
+    ids = [1] * num_true + [2] * (num_kept - num_true) + [1, 2]
+    cams = [1] * num_kept + [0, 0]
+    got = metrics.chance_level([1], ids, [0], cams, camera_rule="sysu", max_rank=9)
+    ap, inp, cmc = enumerated_chance(num_kept, num_true, 9)
+    np.testing.assert_allclose([got["mAP"], got["mINP"]], [ap, inp], rtol=1e-12)
+    np.testing.assert_allclose(got["cmc"], cmc, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("camera_rule", metrics.CAMERA_RULES)
+def test_chance_level_is_what_random_features_score_on_average(camera_rule):
+  _, _, q_ids, g_ids, q_cams, g_cams = integer_retrieval_set(5, 40, 60)
+  chance = metrics.chance_level(q_ids, g_ids, q_cams, g_cams, camera_rule=camera_rule,
+                                max_rank=5)
+  rng = np.random.default_rng(0)
+  trials = []
+  for _ in range(48):  # independent trials: the queries of one trial share a gallery
+    m = metrics.evaluate(rng.normal(size=(40, 8)), rng.normal(size=(60, 8)), q_ids, g_ids,
+                         q_cams, g_cams, camera_rule=camera_rule, max_rank=5)
+    trials.append([m["mAP"], m["mINP"], *m["cmc"]])
+  assert m["num_valid_queries"] == chance["num_valid_queries"] < 40
+  trials = np.array(trials)
+  sampled, error = trials.mean(axis=0), trials.std(axis=0, ddof=1) / np.sqrt(len(trials))
+  expected = np.array([chance["mAP"], chance["mINP"], *chance["cmc"]])
+  # The standard error of mAP is about 0.002 here: the naive E[AP] = n/N is some 30 of them off,
+  # and the levels of the other camera rules over 10.
+  assert np.all(np.abs(sampled - expected) <= 4 * error), (sampled, expected, error)
+
+
+def test_chance_level_without_valid_queries_is_nan():
+  got = metrics.chance_level([0, 1], [0, 1], [4, 4], [4, 4])
+  assert got["num_valid_queries"] == 0 and np.isnan(got["mAP"]) and np.isnan(got["cmc"]).all()

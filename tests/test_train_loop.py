@@ -9,7 +9,7 @@ import pytest
 from configs import uad
 from uad_jax.data import input_pipeline
 from uad_jax.evaluation import metrics
-from uad_jax.training import loop, train_state
+from uad_jax.training import history, loop, train_state
 
 
 def _config(tmp_path, epochs=2):
@@ -65,8 +65,22 @@ def test_resumed_run_ends_where_an_unbroken_one_does(tmp_path):
   np.testing.assert_allclose(as_reid["mAP"], want["market"]["mAP"], rtol=1e-5)
   np.testing.assert_allclose(as_reid["cmc"], want["market"]["cmc"][:len(as_reid["cmc"])],
                              rtol=1e-5)
-  for name in ("retrieval_cmc.png", "retrieval_modality.png", "retrieval_scenario.png"):
+  for name in ("retrieval_cmc.png", "retrieval_modality.png", "retrieval_scenario.png",
+               "retrieval.txt"):
     assert (tmp_path / "a" / "eval_epoch002" / name).stat().st_size > 0
+  # Every evaluation leads with AS-ReID beside the chance and raw-pixel levels of this split.
+  baselines = report["baselines"]
+  chance = metrics.chance_level(q_ids, g_ids, q_cams, g_cams, camera_rule="market")
+  np.testing.assert_allclose(baselines["chance"]["mAP"], chance["mAP"], rtol=1e-12)
+  assert baselines["raw_pixels"]["num_valid_queries"] == as_reid["num_valid_queries"]
+  headline = next(line for line in logs if line.startswith("epoch 2:")).splitlines()
+  percent = lambda m: f"{100 * m['mAP']:.2f}/{100 * m['cmc'][0]:.2f}/{100 * m['mINP']:.2f}"
+  assert headline[0] == (f"epoch 2: AS-ReID mAP/R1/mINP {percent(as_reid)} % (chance "
+                         f"{percent(baselines['chance'])}, raw pixels 16×8 "
+                         f"{percent(baselines['raw_pixels'])})")
+  assert headline[-1].endswith(f"full table and figures in {tmp_path / 'a' / 'eval_epoch002'}")
+  with open(tmp_path / "a" / "train_curves.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
   def interrupt_after_first_eval(line):
     if line.startswith("epoch 1:"):           # the evaluation line, after the checkpoint
@@ -91,6 +105,8 @@ def test_resumed_run_ends_where_an_unbroken_one_does(tmp_path):
   np.testing.assert_allclose(resumed.prototypes, unbroken.prototypes, atol=1e-6)
   history = json.loads((tmp_path / "b" / "train_history.json").read_text())
   assert [h["epoch"] for h in history] == [1, 2]
+  assert {"loss/total", "loss/gpd", "id_accuracy"} <= set(history[0])
+  assert (tmp_path / "b" / "train_curves.png").stat().st_size > 0
 
 
 def test_too_few_classes_in_the_config_fail_clearly(tmp_path):
@@ -107,3 +123,12 @@ def test_a_batch_the_data_axis_does_not_divide_fails_clearly(tmp_path):
     config.mesh = (("data", 8), ("model", 1))
   with pytest.raises(ValueError, match="R·M·P·K = 12 is not divisible by the 8 devices"):
     loop.train_and_evaluate(config, str(tmp_path / "w"), log=lambda _: None)
+
+
+def test_the_epoch_line_names_each_term_once():
+  # The "base" recipe: no ProCA or GPD term; the bias LR (a multiple of the weight LR) is left out.
+  means = {"loss/total": 4.5, "loss/wrt": 1.0, "loss/ce": 3.5, "id_accuracy": 0.125,
+           "grad_norm": 2.0, "lr/weight": 1e-3, "lr/bias": 2e-3, "nonfinite": 0.0}
+  assert history.epoch_line(3, 10, means, 35, 812.4) == (
+      "epoch 3/10: loss 4.5 (ce 3.5, wrt 1), id acc 12.5%, grad norm 2, lr 0.001; "
+      "35 steps, 812 img/s")

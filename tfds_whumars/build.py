@@ -8,8 +8,13 @@ dataset is written into a temporary folder renamed into place at the end, so an 
 never leaves anything that reads as a prepared dataset. An existing build is reused, not rebuilt.
 """
 import argparse
+import contextlib
+import io
+import os
+import sys
 import time
 
+from absl import logging
 import tensorflow_datasets as tfds
 
 from tfds_whumars import raw_layout
@@ -18,13 +23,42 @@ from tfds_whumars.whu_mars import whu_mars_dataset_builder
 
 
 def build(config: str | whu_mars_dataset_builder.WhuMarsConfig, manual_dir, data_dir, *,
-          skip_corrupt: bool = False, num_workers: int = 1) -> tfds.core.DatasetBuilder:
-  """Prepares whu_mars/`config` in `data_dir` (if not there yet) and returns its builder."""
+          skip_corrupt: bool = False, num_workers: int = 1, verbose: bool | None = None,
+          log=None) -> tfds.core.DatasetBuilder:
+  """Prepares whu_mars/`config` in `data_dir` (if not there yet) and returns its builder.
+
+  verbose: show TFDS's own output (its progress bars and the lines it prints); default: when
+  absl logging shows INFO (`-v 0` in an absl app). `log`, if given, hears that a build starts,
+  which otherwise would be silent for as long as it takes.
+  """
   builder = whu_mars_dataset_builder.Builder(
       config=config, data_dir=data_dir, skip_corrupt=skip_corrupt, num_workers=num_workers)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  # The check download_and_prepare makes (is_prepared() logs a warning when it fails).
+  if log and not os.path.exists(builder.data_dir):
+    log(f"building {builder.info.full_name} in {data_dir} (once; this can take a while)")
+  with _tfds_output(logging.level_info() if verbose is None else verbose):
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder
+
+
+@contextlib.contextmanager
+def _tfds_output(verbose: bool):
+  """Unless verbose: no TFDS progress bars, and what TFDS prints is kept back (and shown only if
+  the build fails, where it may help)."""
+  if verbose:
+    yield
+    return
+  printed = io.StringIO()
+  tfds.disable_progress_bar()
+  try:
+    with contextlib.redirect_stdout(printed):
+      yield
+  except BaseException:
+    sys.stdout.write(printed.getvalue())
+    raise
+  finally:
+    tfds.enable_progress_bar()
 
 
 def summary(builder: tfds.core.DatasetBuilder) -> str:
@@ -57,7 +91,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   start = time.perf_counter()
   builder = build(args.config, args.manual_dir, args.data_dir, skip_corrupt=args.skip_corrupt,
-                  num_workers=args.num_workers)
+                  num_workers=args.num_workers, verbose=True)
   print(summary(builder))
   print(f"done in {time.perf_counter() - start:.1f} s")
 

@@ -5,9 +5,15 @@
       --config.dataset.manual_dir=/data/raw --config.pretrained=jx_vit_base_p16_224-80ecf9dd.pth
 
 (``python -m uad_jax.commands.train`` is the same command.)
+
+The console shows the job's own lines: the dataset, one line per epoch, each evaluation's
+headline; on a terminal, progress bars too (``uad_jax.console``). Libraries log warnings and
+errors only; absl's ``--verbosity=0`` (``-v 0``) brings back their INFO lines (Orbax, TFDS and its
+progress bars, JAX), ``-v 1`` adds DEBUG.
 """
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from uad_jax.training import loop
@@ -21,6 +27,10 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdir/synthetic",
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # absl.app turns an unset --verbosity into INFO, which buries the job's lines under every
+    # checkpoint write Orbax logs.
+    logging.set_verbosity(logging.WARNING)
   loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -15,5 +15,5 @@ def prepare_dataset(config, log=print) -> None:
     synthetic.generate(config.dataset.manual_dir, config.dataset.synthetic_ids, config.seed,
                        root_name=raw_folder)
   builder = build.build(config.dataset.config, config.dataset.manual_dir,
-                        config.dataset.data_dir)
+                        config.dataset.data_dir, log=log)
   log(build.summary(builder))

@@ -1,41 +1,58 @@
 """Features and metrics of a model on the eval splits: what training, evaluation of a checkpoint
 and the retrieval tools share. Every process feeds its slice of each batch; features and metadata
-come back whole to every process."""
+come back whole to every process. The same pass pools the images for the raw-pixel baseline
+(`baselines`), so an evaluation reads and decodes each image once."""
 import functools
 import time
+from typing import NamedTuple
 
 import jax
 import numpy as np
 
-from uad_jax import sharding
+from uad_jax import console, sharding
 from uad_jax.data import input_pipeline
-from uad_jax.evaluation import protocols, report
+from uad_jax.evaluation import baselines, protocols, report
+
+
+class SplitFeatures(NamedTuple):
+  """An eval split seen by the model and by the raw-pixel baseline (the same rows and labels)."""
+  model: protocols.RetrievalSide   # the model's pre-BN global features
+  pixels: protocols.RetrievalSide  # baselines.pixel_features of the same images
 
 
 @functools.lru_cache(maxsize=4)
 def _inference_fn(model, mesh):
-  """The jitted inference forward, compiled once per model and mesh for the whole run."""
-  return jax.jit(lambda params, images: model.apply({"params": params}, images, train=False),
-                 out_shardings=sharding.replicated(mesh))
+  """The jitted inference forward, compiled once per model and mesh for the whole run; it also
+  pools the images for the raw-pixel baseline while they are on the device."""
+  def infer(params, images):
+    feats = model.apply({"params": params}, images, train=False)
+    return feats, baselines.pixel_features(images)
+  return jax.jit(infer, out_shardings=sharding.replicated(mesh))
 
 
-def extract_features(model, params, config, split_dataset, mesh) -> protocols.RetrievalSide:
-  """Pre-BN global features of every record of an eval split, with its metadata (NumPy)."""
+def extract_features(model, params, config, split_dataset, mesh, bar=None) -> SplitFeatures:
+  """Pre-BN global features and raw-pixel features of every record of an eval split, with its
+  metadata (NumPy). `bar` (a `console.progress` bar) advances by the split's real images."""
   batch_sharding = sharding.batch_sharding(mesh)
   infer = _inference_fn(model, mesh)
-  feats, meta = [], {k: [] for k in ("person_ids", "cameras", "modalities", "viewpoints")}
+  feats, pixels = [], []
+  meta = {k: [] for k in ("person_ids", "cameras", "modalities", "viewpoints")}
   with sharding.context(mesh, config.sharding_rules):
     for batch in split_dataset:
       images = jax.make_array_from_process_local_data(batch_sharding, batch["images"])
-      out = np.asarray(jax.device_get(infer(params, images)))
+      out, pooled = (np.asarray(x) for x in jax.device_get(infer(params, images)))
       mask = _gather_rows(batch["mask"])
       feats.append(out[mask])
+      pixels.append(pooled[mask])
       for k in meta:
         meta[k].append(_gather_rows(batch[k])[mask])
+      if bar is not None:
+        bar.update(int(mask.sum()))
   meta = {k: np.concatenate(v) for k, v in meta.items()}
-  return protocols.RetrievalSide(
-      feats=np.concatenate(feats), ids=meta["person_ids"], cams=meta["cameras"],
-      modalities=meta["modalities"], viewpoints=meta["viewpoints"])
+  sides = [protocols.RetrievalSide(
+      feats=np.concatenate(x), ids=meta["person_ids"], cams=meta["cameras"],
+      modalities=meta["modalities"], viewpoints=meta["viewpoints"]) for x in (feats, pixels)]
+  return SplitFeatures(*sides)
 
 
 def _gather_rows(local):
@@ -46,20 +63,41 @@ def _gather_rows(local):
   return np.asarray(multihost_utils.process_allgather(local, tiled=True))
 
 
-def evaluate_model(model, params, config, mesh, out_dir: str | None, label: str, log=print):
-  """Every protocol of ``config``'s test split for this model; the report goes to ``out_dir``
-  (process 0 writes it). ``label`` starts the logged summary (e.g. "epoch 10")."""
-  datasets = input_pipeline.eval_datasets_from_config(
-      config, config.eval_batch_size, process_index=jax.process_index(),
-      process_count=jax.process_count(), num_threads=config.data_threads)
+def _eval_dataset(config, source):
+  return input_pipeline.make_eval_dataset(
+      source, config.eval_batch_size, image_size=tuple(config.model.image_size),
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_threads=config.data_threads)
+
+
+def evaluate_model(model, params, config, mesh, out_dir: str | None, label: str, log=print,
+                   progress: bool | None = None):
+  """Every protocol of `config`'s test split for this model, and the baselines it must beat.
+
+  Logs a headline (AS-ReID mAP / R1 / mINP beside chance and raw pixels, `label` first, e.g.
+  "epoch 10") and where the report went; process 0 writes the report (table, JSON, figures) to
+  `out_dir`. Without `out_dir` the table is logged instead. `progress`: draw a bar over the
+  feature extraction (default: `console.bars_enabled(log)`).
+  """
+  if progress is None:
+    progress = console.bars_enabled(log)
+  sources = [input_pipeline.open_split(f"{config.dataset.name}/{config.dataset.config}", split,
+                                       config.dataset.data_dir) for split in ("query", "gallery")]
   start = time.perf_counter()
-  query = extract_features(model, params, config, datasets["query"], mesh)
-  gallery = extract_features(model, params, config, datasets["gallery"], mesh)
+  with console.progress(sum(map(len, sources)), f"{label}: features", enabled=progress) as bar:
+    query, gallery = (extract_features(model, params, config, _eval_dataset(config, source), mesh,
+                                       bar) for source in sources)
   features_s = time.perf_counter() - start
-  results = protocols.evaluate_protocols(query, gallery, camera_rule=config.camera_rule)
-  log(f"{label}: {len(query.feats)} queries x {len(gallery.feats)} gallery, features "
-      f"{features_s:.1f} s, metrics {time.perf_counter() - start - features_s:.1f} s\n"
-      + report.format_table(results))
+  results = protocols.evaluate_protocols(query.model, gallery.model,
+                                         camera_rule=config.camera_rule)
+  results["baselines"] = baselines.evaluate_baselines(query.pixels, gallery.pixels,
+                                                      camera_rule=config.camera_rule)
+  where = (f"full table and figures in {out_dir}" if out_dir
+           else "\n" + report.format_table(results))
+  log(f"{label}: {report.format_headline(results)}\n"
+      f"  {len(query.model.feats)} queries x {len(gallery.model.feats)} gallery, features "
+      f"{features_s:.1f} s, metrics {time.perf_counter() - start - features_s:.1f} s; {where}")
+  # After the log line: a job stopped while logging has no report, and evaluates again on resume.
   if out_dir and jax.process_index() == 0:
     report.write_report(results, out_dir, print_table=False)
   return results

@@ -105,6 +105,82 @@ def evaluate(query_feats, gallery_feats, query_ids, gallery_ids, query_cams, gal
           "mINP": float(np.mean(inp, dtype=np.float64)), "cmc": cmc}
 
 
+
+def chance_level(query_ids, gallery_ids, query_cams, gallery_cams, *, camera_rule: str = "sysu",
+                 max_rank: int = 50) -> dict:
+  """The exact expected mAP, mINP and CMC of a uniformly random ranking, from the labels alone.
+
+  What `evaluate` gives on average for features that carry no information, under the same camera
+  rule and the same valid queries: the level a trained model must clear. For a query whose rule
+  keeps N gallery items, n of them true matches, the positives sit at a uniformly random n-subset
+  of the ranks 1..N, and (H_N = 1 + 1/2 + … + 1/N):
+    E[AP]  = (1/N)·(H_N + (n−1)/(N−1)·(N − H_N))   (E[1/r] = H_N/N for each positive's own
+             precision term, E[[r' < r]/r] = (N − H_N)/(N(N−1)) for each of the n−1 others);
+    CMC(k) = 1 − C(N−n, k)/C(N, k)                 (some positive among the first k);
+    E[INP] = Σ_{r=n..N} (n/r)·C(r−1, n−1)/C(N, n)  (the last positive at rank r).
+  Means are over the queries with n > 0, as in `evaluate`. Returns the keys of `evaluate`.
+  """
+  labels = _check_labels(len(query_ids), len(gallery_ids), query_ids=query_ids,
+                         query_cams=query_cams, gallery_ids=gallery_ids, gallery_cams=gallery_cams)
+  _check_options(camera_rule, max_rank, None, None, 1)
+  q_ids, g_ids = _dense_codes(labels["query_ids"], labels["gallery_ids"])
+  q_cams, g_cams = _dense_codes(labels["query_cams"], labels["gallery_cams"])
+  kept, positives = _kept_counts(q_ids, q_cams, g_ids, g_cams, camera_rule)
+  valid = positives > 0
+  result = {"num_queries": len(q_ids), "num_valid_queries": int(valid.sum()),
+            "truncated_top_k": None}
+  if not valid.any():
+    return {**result, "mAP": math.nan, "mINP": math.nan, "cmc": np.full(max_rank, np.nan)}
+  big_n, n = kept[valid].astype(np.float64), positives[valid].astype(np.float64)
+  harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, len(g_ids) + 1))])[kept[valid]]
+  others = np.where(big_n > 1, (n - 1) / np.maximum(big_n - 1, 1), 0.0)
+  ap = (harmonic + others * (big_n - harmonic)) / big_n
+  # P(no positive among the first k) = Π_{j<k} (N−n−j)/(N−j), zero once fewer than n items remain.
+  j = np.arange(max_rank)[None, :]
+  left = big_n[:, None] - n[:, None] - j
+  miss = np.cumprod(np.where(left > 0, left / np.maximum(big_n[:, None] - j, 1), 0.0), axis=1)
+  return {**result, "mAP": float(np.mean(ap)),
+          "mINP": float(np.mean(_expected_inp(kept[valid], positives[valid]))),
+          "cmc": (1.0 - miss).mean(axis=0)}
+
+
+def _kept_counts(q_ids, q_cams, g_ids, g_cams, camera_rule):
+  """Per query: gallery items its camera rule keeps, and how many of them are true matches.
+
+  The gallery splits into four classes by (same identity, same camera); the rule keeps or drops
+  whole classes, so counts per identity, camera and pair are enough (no query × gallery array).
+  """
+  num_cams = int(max(q_cams.max(initial=0), g_cams.max(initial=0))) + 1
+  num_ids = int(max(q_ids.max(initial=0), g_ids.max(initial=0))) + 1
+  same_id = np.bincount(g_ids, minlength=num_ids)[q_ids]
+  same_cam = np.bincount(g_cams, minlength=num_cams)[q_cams]
+  same_both = np.bincount(g_ids * num_cams + g_cams,
+                          minlength=num_ids * num_cams)[q_ids * num_cams + q_cams]
+  # Columns: same id and camera, same id only, same camera only, neither.
+  classes = np.stack([same_both, same_id - same_both, same_cam - same_both,
+                      len(g_ids) - same_id - same_cam + same_both], axis=1)
+  class_same_id = np.array([True, True, False, False])
+  keeps = kept_by_camera_rule(camera_rule, class_same_id, np.array([True, False, True, False]))
+  return classes @ keeps, classes @ (keeps & class_same_id)
+
+
+def _expected_inp(kept: np.ndarray, positives: np.ndarray) -> np.ndarray:
+  """E[n / rank of the last positive] per query, in log space (the binomials overflow)."""
+  log_factorial = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, kept.max() + 1)))])
+
+  def log_binomial(a, b):
+    return log_factorial[a] - log_factorial[b] - log_factorial[a - b]
+
+  expected = np.empty(len(kept))
+  # For one n the sums over r = n..N of every query share their terms: one running log-sum.
+  for n in np.unique(positives):
+    ranks = np.arange(n, kept.max() + 1)
+    log_terms = np.log(n) - np.log(ranks) + log_binomial(ranks - 1, n - 1)
+    running = np.logaddexp.accumulate(log_terms)
+    rows = positives == n
+    expected[rows] = np.exp(running[kept[rows] - n] - log_binomial(kept[rows], n))
+  return expected
+
 def _per_query_metrics(query_feats, gallery_feats, q_ids, q_cams, g_ids, g_cams, pos_idx, num_pos,
                        *, camera_rule, normalize, top_k, devices, chunk_size, memory_budget_bytes):
   """(AP, INP, first-hit rank) of every query, in query order, computed on the devices."""

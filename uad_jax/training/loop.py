@@ -1,19 +1,19 @@
 """The training loop: prepare WHU-MARS, train UAD, evaluate AS-ReID, checkpoint and resume.
 
 Only the loop lives here; dataset preparation (``data.prepare``), a model's features and metrics
-(``evaluation.inference``) and checkpoints (``training.checkpointing``) are called from it.
+(``evaluation.inference``), checkpoints (``training.checkpointing``), the run's history and curves
+(``training.history``) and what reaches the console (``console``) are called from it.
 """
-import json
 import os
 import time
 
 import jax
 import numpy as np
 
-from uad_jax import sharding
+from uad_jax import console, sharding
 from uad_jax.data import input_pipeline, prepare
 from uad_jax.evaluation import inference, report
-from uad_jax.training import checkpointing, train_state, train_step
+from uad_jax.training import checkpointing, history, train_state, train_step
 
 
 def _global_batch(local_batch, batch_sharding):
@@ -22,21 +22,24 @@ def _global_batch(local_batch, batch_sharding):
           for k in ("images", "labels")}
 
 
-def report_dir(workdir: str, epoch: int) -> str:
-  return os.path.join(workdir, f"eval_epoch{epoch:03d}")
-
-
 def evaluation_due(config, epoch: int) -> bool:
   return epoch % config.eval_every_epochs == 0 or epoch == config.optim.epochs
 
 
-def _evaluate(state, config, mesh, workdir, epoch, log):
+def _evaluate(state, config, mesh, workdir, epoch, log, bars):
   return inference.evaluate_model(state.model, state.params, config, mesh,
-                                  report_dir(workdir, epoch), f"epoch {epoch}", log)
+                                  history.report_dir(workdir, epoch), f"epoch {epoch}", log,
+                                  progress=bars)
 
 
 def train_and_evaluate(config, workdir: str, log=print):
-  """Trains ``config`` in ``workdir``, resuming from its latest checkpoint if there is one."""
+  """Trains ``config`` in ``workdir``, resuming from its latest checkpoint if there is one.
+
+  Process 0 logs with ``log``; with the built-in ``print`` on a terminal it also draws progress
+  bars (``console``'s rule).
+  """
+  bars = console.bars_enabled(log)
+  log = console.for_this_process(log)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     prepare.prepare_dataset(config, log)
@@ -72,42 +75,49 @@ def train_and_evaluate(config, workdir: str, log=print):
   batch_sharding = sharding.batch_sharding(mesh)
   epoch_ends = np.cumsum(plan.steps_per_epoch)
   step = int(state.step)
-  history_path = os.path.join(workdir, "train_history.json")
-  history = []
   done = int(np.searchsorted(epoch_ends, step, side="right"))  # completed epochs
-  if step and os.path.exists(history_path):
-    with open(history_path) as f:
-      history = [h for h in json.load(f) if h["epoch"] <= done]
+  records = history.load(workdir, done)
+  images_per_step = plan.sampler.shape.step_rows
   try:
     # The checkpoint precedes the evaluation: one interrupted in between has no report yet.
     if done and evaluation_due(config, done) and not (
-        report.report_complete(report_dir(workdir, done))):
+        report.report_complete(history.report_dir(workdir, done))):
       log(f"epoch {done}: its evaluation was interrupted; running it again")
-      _evaluate(state, config, mesh, workdir, done, log)
+      _evaluate(state, config, mesh, workdir, done, log, bars)
+      if jax.process_index() == 0 and records:
+        history.draw_curves(workdir, records)
     while step < plan.total_steps:
       epoch = int(np.searchsorted(epoch_ends, step, side="right")) + 1
       start, epoch_metrics = time.perf_counter(), []
-      with sharding.context(mesh, config.sharding_rules):
+      bar = console.progress((int(epoch_ends[epoch - 1]) - step) * images_per_step,
+                             f"epoch {epoch}/{config.optim.epochs}", enabled=bars)
+      with sharding.context(mesh, config.sharding_rules), bar:
         while step < epoch_ends[epoch - 1]:
           state, metrics = step_fn(state, _global_batch(next(train_iter), batch_sharding))
-          epoch_metrics.append(metrics)  # fetched once per epoch: steps dispatch asynchronously
+          # Waiting for the previous step keeps one step queued behind the running one, so the
+          # bar counts finished steps and input batches cannot pile up on the device. The
+          # metrics stay there until the epoch ends.
+          if epoch_metrics:
+            jax.block_until_ready(epoch_metrics[-1])
+          epoch_metrics.append(metrics)
           step += 1
+          bar.update(images_per_step)
       count = len(epoch_metrics)
       fetched = jax.device_get(epoch_metrics)
       means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
       skipped = sum(int(m["nonfinite"]) for m in fetched)
       if skipped:
         log(f"WARNING: epoch {epoch}: {skipped} step(s) had a non-finite loss and were skipped")
-      rate = count * plan.sampler.shape.step_rows / (time.perf_counter() - start)
-      log(f"epoch {epoch}/{config.optim.epochs} ({count} steps, {rate:.1f} img/s): "
-          + ", ".join(f"{k}={v:.4g}" for k, v in sorted(means.items())))
-      history.append({"epoch": epoch, **means})
+      rate = count * images_per_step / (time.perf_counter() - start)
+      log(history.epoch_line(epoch, config.optim.epochs, means, count, rate))
+      records.append({"epoch": epoch, **means})
       checkpoints.save(step, state, train_iter.get_state())
       if jax.process_index() == 0:
-        text = json.dumps(history, indent=1).encode()
-        report.write_atomically(history_path, lambda f: f.write(text))
+        history.save(workdir, records)
       if evaluation_due(config, epoch):
-        _evaluate(state, config, mesh, workdir, epoch, log)
+        _evaluate(state, config, mesh, workdir, epoch, log, bars)
+      if jax.process_index() == 0:  # after the evaluation, so that the curves include it
+        history.draw_curves(workdir, records)
   finally:
     # An interrupted run still completes the checkpoint it was writing.
     checkpoints.wait()

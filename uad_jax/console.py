@@ -1,0 +1,35 @@
+"""What a job shows a person: its log lines from one process, and progress bars on a terminal.
+
+The rule for bars: they are drawn, on stderr, only when the job talks to a person directly, that
+is when its log function is the built-in `print` (what the command passes), stderr is a terminal,
+and this is process 0. Tests and other callers that pass their own log function, or runs whose
+stderr goes to a file, get no bars; the per-epoch and evaluation lines say everything a bar does.
+This is the only module that imports tqdm.
+"""
+import sys
+
+import jax
+import tqdm
+
+
+def _silent(*_):
+  pass
+
+
+def for_this_process(log):
+  """`log` on process 0, a no-op on the others: a pod prints each line once."""
+  return log if jax.process_index() == 0 else _silent
+
+
+def bars_enabled(log) -> bool:
+  """Whether progress bars are drawn for a job logging with `log` (the module's rule)."""
+  return log is print and jax.process_index() == 0 and sys.stderr.isatty()
+
+
+def progress(total: int, description: str, *, enabled: bool, unit: str = "img") -> tqdm.tqdm:
+  """A bar over `total` units with their rate and the time left; a no-op unless `enabled`.
+
+  The bar erases itself when closed: the log line that follows it keeps the result.
+  """
+  return tqdm.tqdm(total=total, desc=description, unit=unit, disable=not enabled,
+                   file=sys.stderr, leave=False, dynamic_ncols=True)
