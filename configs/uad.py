@@ -46,6 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = "B/16" if reference else "mu/16"  # ViT size/patch: mu, Ti, S, B
+  c.model.stem = "patch"                     # patch (vit_base, ImageNet) | ics (vit_ics_lup, LUPerson)
   c.model.image_size = (256, 128) if reference else (128, 64)  # input H, W
   c.model.stochastic_depth = 0.1             # drop-path rate of the last block (linear from 0)
   c.model.dtype = "bfloat16"                 # compute dtype of the matrix products

@@ -1,4 +1,6 @@
 """The sharded UAD train step: device-count invariance, replica semantics, the optimizer recipe."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -409,3 +411,25 @@ def test_an_indivisible_identity_count_names_the_array_and_the_settings():
   with pytest.raises(ValueError, match=r"\['classifier'\]\['kernel'\] has a dimension of 15.*"
                                        r"config.num_classes"):
     train_state.create_train_state(config, 15, 5, sharding.make_mesh(config.mesh))
+
+
+def test_ics_stem_loads_its_checkpoint_through_the_config_and_steps_on_any_mesh():
+  """vit_ics_lup: config.pretrained fills the stem's parameters and running statistics, and its
+  per-group BatchNorms give the same step on one device and on a (4, 2) mesh."""
+  runs = []
+  for mesh in ((1, 1), (4, 2)):
+    config = _config(mesh=mesh, stochastic_depth=0.0)
+    with config.unlocked():
+      config.model.stem = "ics"
+      config.model.image_size = (256, 128)
+      config.pretrained = os.path.join(os.path.dirname(__file__), "fixtures", "tiny_ics.pth")
+    devices = jax.devices()[:mesh[0] * mesh[1]]
+    state, _ = train_state.create_train_state(config, NUM_CLASSES, 5,
+                                              sharding.make_mesh(config.mesh, devices), log=None)
+    loaded = jax.device_get(state.batch_stats["backbone"]["stem"]["bn3"])
+    assert not np.allclose(loaded["mean"], 0.0)       # the checkpoint's, not the init's zeros
+    runs.append(_run(config, [_batch(2, 0, image_size=(256, 128))], devices=devices))
+  (one, m_one), (many, m_many) = runs
+  np.testing.assert_allclose(m_many[0]["loss/total"], m_one[0]["loss/total"], rtol=1e-5)
+  _assert_trees_close(many.params, one.params, 1e-5)
+  _assert_trees_close(many.batch_stats, one.batch_stats, 1e-5)

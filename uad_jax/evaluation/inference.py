@@ -24,15 +24,16 @@ class SplitFeatures(NamedTuple):
 def _inference_fn(model, mesh):
   """The jitted inference forward, compiled once per model and mesh for the whole run; it also
   pools the images for the raw-pixel baseline while they are on the device."""
-  def infer(params, images):
-    feats = model.apply({"params": params}, images, train=False)
+  def infer(variables, images):
+    feats = model.apply(variables, images, train=False)
     return feats, baselines.pixel_features(images)
   return jax.jit(infer, out_shardings=sharding.replicated(mesh))
 
 
-def extract_features(model, params, config, split_dataset, mesh, bar=None) -> SplitFeatures:
+def extract_features(model, variables, config, split_dataset, mesh, bar=None) -> SplitFeatures:
   """Pre-BN global features and raw-pixel features of every record of an eval split, with its
-  metadata (NumPy). `bar` (a `console.progress` bar) advances by the split's real images."""
+  metadata (NumPy). `variables`: {"params", "batch_stats"} (the ICS stem's BatchNorms need the
+  statistics). `bar` (a `console.progress` bar) advances by the split's real images."""
   batch_sharding = sharding.batch_sharding(mesh)
   infer = _inference_fn(model, mesh)
   feats, pixels = [], []
@@ -40,7 +41,7 @@ def extract_features(model, params, config, split_dataset, mesh, bar=None) -> Sp
   with sharding.context(mesh, config.sharding_rules):
     for batch in split_dataset:
       images = jax.make_array_from_process_local_data(batch_sharding, batch["images"])
-      out, pooled = (np.asarray(x) for x in jax.device_get(infer(params, images)))
+      out, pooled = (np.asarray(x) for x in jax.device_get(infer(variables, images)))
       mask = _gather_rows(batch["mask"])
       feats.append(out[mask])
       pixels.append(pooled[mask])
@@ -70,7 +71,7 @@ def _eval_dataset(config, source):
       num_threads=config.data_threads)
 
 
-def evaluate_model(model, params, config, mesh, out_dir: str | None, label: str, log=print,
+def evaluate_model(model, variables, config, mesh, out_dir: str | None, label: str, log=print,
                    progress: bool | None = None):
   """Every protocol of `config`'s test split for this model, and the baselines it must beat.
 
@@ -85,8 +86,8 @@ def evaluate_model(model, params, config, mesh, out_dir: str | None, label: str,
                                        config.dataset.data_dir) for split in ("query", "gallery")]
   start = time.perf_counter()
   with console.progress(sum(map(len, sources)), f"{label}: features", enabled=progress) as bar:
-    query, gallery = (extract_features(model, params, config, _eval_dataset(config, source), mesh,
-                                       bar) for source in sources)
+    query, gallery = (extract_features(model, variables, config, _eval_dataset(config, source),
+                                       mesh, bar) for source in sources)
   features_s = time.perf_counter() - start
   results = protocols.evaluate_protocols(query.model, gallery.model,
                                          camera_rule=config.camera_rule)

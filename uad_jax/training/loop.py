@@ -27,7 +27,8 @@ def evaluation_due(config, epoch: int) -> bool:
 
 
 def _evaluate(state, config, mesh, workdir, epoch, log, bars):
-  return inference.evaluate_model(state.model, state.params, config, mesh,
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  return inference.evaluate_model(state.model, variables, config, mesh,
                                   history.report_dir(workdir, epoch), f"epoch {epoch}", log,
                                   progress=bars)
 

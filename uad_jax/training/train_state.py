@@ -61,7 +61,7 @@ def build_model(config, num_classes: int) -> reid_model.UADNet:
       num_classes=num_classes, variant=config.model.variant,
       image_size=tuple(config.model.image_size),
       stochastic_depth=config.model.stochastic_depth, dtype=jnp.dtype(config.model.dtype),
-      bn_groups=config.num_replicas)
+      bn_groups=config.num_replicas, stem=config.model.stem)
 
 
 def step_config(config, steps_per_epoch) -> StepConfig:
@@ -126,8 +126,7 @@ def create_train_state(config, num_classes: int, steps_per_epoch, mesh,
   _check_divisible(abstract, shardings, config)
   state = jax.jit(init, out_shardings=shardings)(rng)
   if config.pretrained:
-    state = state.replace(params=_load_pretrained(config.pretrained, model, abstract_params,
-                                                  state.params, param_shardings, log))
+    state = _load_pretrained(config.pretrained, model, state, shardings, log)
   return state, shardings
 
 
@@ -147,13 +146,19 @@ def _check_divisible(abstract, shardings, config):
   jax.tree_util.tree_map_with_path(check, abstract, shardings)
 
 
-def _load_pretrained(path, model, abstract_params, params, param_shardings, log):
-  """Backbone from an ImageNet checkpoint, each tensor placed directly into its shards."""
-  loaded, _ = pretrained.load_backbone(path, abstract_params, grid_hw=model.patch_grid, log=log)
-  flat_loaded = traverse_util.flatten_dict(loaded)
-  flat_params = traverse_util.flatten_dict(params)
-  flat_shardings = traverse_util.flatten_dict(param_shardings)
-  for key, value in flat_loaded.items():
-    if isinstance(value, np.ndarray):
-      flat_params[key] = jax.device_put(value, flat_shardings[key])
-  return traverse_util.unflatten_dict(flat_params)
+def _load_pretrained(path, model, state, shardings, log):
+  """The backbone's parameters (and the ICS stem's running statistics) from a pretrained
+  checkpoint, each tensor placed directly into its shards."""
+  abstract = {"params": state.params, "batch_stats": state.batch_stats}
+  loaded, _ = pretrained.load_backbone_variables(
+      path, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract),
+      grid_hw=model.patch_grid, log=log)
+  placed = {}
+  for collection in abstract:
+    flat = traverse_util.flatten_dict(abstract[collection])
+    flat_shardings = traverse_util.flatten_dict(getattr(shardings, collection))
+    for key, value in traverse_util.flatten_dict(loaded[collection]).items():
+      if isinstance(value, np.ndarray):
+        flat[key] = jax.device_put(value, flat_shardings[key])
+    placed[collection] = traverse_util.unflatten_dict(flat)
+  return state.replace(**placed)
