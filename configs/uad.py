@@ -35,7 +35,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dataset.config = arg.preset if reference else "whumars1000"  # builder config: raw folder
   c.dataset.data_dir = "data/tfds"           # where the built ArrayRecord dataset lives
   c.dataset.manual_dir = "data/raw" if reference else "data/synthetic"  # the raw WHU-MARS root
-  c.dataset.synthetic_ids = 0 if reference else 60  # >0: generate a synthetic set of this many ids
+  c.dataset.synthetic_ids = 0 if reference else 100  # >0: generate a synthetic set of this many ids
+  c.dataset.synthetic_difficulty = "demo"    # default | demo (tfds_whumars.synthetic.DIFFICULTIES)
+  c.dataset.synthetic_train_fraction = 0.5   # of the synthetic ids for training; the rest are test
   c.num_classes = 0                          # training identities; 0 = read from the dataset
 
   c.sampler = ml_collections.ConfigDict()
@@ -45,12 +47,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.num_replicas = 4 if reference else 1          # R: replica groups per optimizer step
 
   c.model = ml_collections.ConfigDict()
-  c.model.variant = "B/16" if reference else "mu/16"  # ViT size/patch: mu, Ti, S, B
-  c.model.stem = "patch"                     # patch (vit_base, ImageNet) | ics (vit_ics_lup, LUPerson)
-  c.model.image_size = (256, 128) if reference else (128, 64)  # input H, W
+  c.model.variant = "B/16" if reference else "mu/8"  # ViT size/patch: mu, Ti, S, B
+  c.model.stem = "patch" if reference else "conv"  # patch (vit_base) | ics (vit_ics_lup) | conv
+  c.model.image_size = (256, 128) if reference else (64, 32)  # input H, W
   c.model.stochastic_depth = 0.1             # drop-path rate of the last block (linear from 0)
+  # Zero padding before the random crop: the reference's 10 px at 256×128; the demo's small
+  # images get a padding of the same scale.
+  c.augment_padding = 10 if reference else 3
   c.model.dtype = "bfloat16"                 # compute dtype of the matrix products
   c.pretrained = ""                          # ImageNet ViT checkpoint (.npz/.safetensors/.pth)
+
+  # The synthetic demo's stand-in for ImageNet weights: unless config.pretrained is given, the
+  # backbone is first trained (CE, AdamW) on a synthetic set of other people, and the result is
+  # written as a checkpoint and loaded through the importer (uad_jax.training.pretrain).
+  c.pretrain = ml_collections.ConfigDict()
+  c.pretrain.synthetic_ids = 0 if reference else 440  # >0: pretrain on this many other identities
+  c.pretrain.train_fraction = 0.9            # of them for training; the rest check the stage
+  c.pretrain.seed = 4321                     # its generator and training seed (other people)
+  c.pretrain.epochs = 15                     # its length
+  c.pretrain.lr = 2e-3                       # AdamW peak learning rate (warm-up + cosine)
+  c.pretrain.weight_decay = 0.05             # AdamW's decoupled weight decay
+  c.pretrain.label_smoothing = 0.1           # of its cross-entropy
+  c.pretrain.identities = 16                 # P of its batches (K = 1 image per modality)
+  c.pretrain.dir = "data/pretrained"         # where pretrained backbones are kept, by settings
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = arg.loss                     # which terms: base | base+proca | base+gpd | uad
@@ -58,15 +77,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss.gpd_weight = 1.0                    # weight of GPD in the total loss
   c.loss.gpd_tau = 0.03                      # GPD softmax temperature
   c.loss.prototype_momentum = 0.2            # weight of the new anchor in the memory EMA
+  c.loss.label_smoothing = 0.0               # of the CE term (the reference uses none)
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.lr_per_replica = 0.008             # base LR of one 192-image replica group (linear)
+  c.optim.name = "sgd"                       # sgd (the reference) | adamw (pretraining stage)
+  c.optim.lr_per_replica = 0.008 if reference else 0.02  # base LR of one replica group
   c.optim.momentum = 0.9                     # SGD momentum (no Nesterov)
   c.optim.weight_decay = 1e-4                # torch-style coupled L2, on every trained parameter
   c.optim.bias_lr_factor = 2.0               # LR multiplier of parameters named "*bias*"
   c.optim.grad_clip_norm = 1.0               # global L2 norm clipping
-  c.optim.epochs = 120 if reference else 4   # training length in epochs
-  c.optim.warmup_epochs = 5 if reference else 1  # linear warm-up epochs
+  c.optim.epochs = 120 if reference else 30  # training length in epochs
+  c.optim.warmup_epochs = 5 if reference else 3  # epochs 1 … warmup−1 warm up linearly
   c.optim.warmup_factor = 0.01               # warm-up starts at this fraction of the base LR
   c.optim.min_lr_factor = 0.002              # cosine floor as a fraction of the base LR
 
@@ -78,7 +99,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       ("act_batch", "data"),
       ("classes", "model"),
   )
-  c.eval_every_epochs = 10 if reference else 2  # evaluation period in epochs
+  c.eval_every_epochs = 10                   # evaluation period in epochs
   c.eval_batch_size = 256                    # images per inference step during evaluation
   c.camera_rule = "sysu"                     # gallery exclusion: sysu | market | none (spec §7)
   c.missing_modality = "error"               # train ids lacking a modality: error | drop

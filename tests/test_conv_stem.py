@@ -1,13 +1,17 @@
-"""The ICS stem of ``vit_ics_lup``: its norms against NumPy statements of torch's rules, per-group
-statistics, its convolutions' mixed-precision products, and the model options that select it.
-(Its import and features against the torch reference are in test_pretrained.py.)"""
+"""The convolutional stems: the ICS stem of ``vit_ics_lup`` (its norms against NumPy statements of
+torch's rules, per-group statistics, its convolutions' mixed-precision products, the model options
+that select it; its import against the torch reference is in test_pretrained.py), the light conv
+stem, and the export of a backbone that the importer reads back."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from uad_jax.models import conv_stem, norms, precision, reid_model, vit
+from flax import traverse_util
+
+from uad_jax.models import (backbone_export, conv_stem, norms, precision, pretrained,
+                            reid_model, vit)
 
 IMAGE = (64, 32)
 
@@ -146,8 +150,8 @@ def test_ics_vit_b16_parameter_count():
 
 
 def test_unknown_stem_fails_clearly():
-  with pytest.raises(ValueError, match="unknown ViT stem 'conv'"):
-    vit.ViT("mu/16", IMAGE, stem="conv").init(jax.random.key(0), jnp.zeros((1, *IMAGE, 3)))
+  with pytest.raises(ValueError, match="unknown ViT stem 'convs'"):
+    vit.ViT("mu/16", IMAGE, stem="convs").init(jax.random.key(0), jnp.zeros((1, *IMAGE, 3)))
 
 
 @pytest.mark.parametrize("size,stride,pad,hw", [(7, 2, 3, (17, 9)), (3, 1, 1, (12, 6)),
@@ -194,3 +198,76 @@ def test_bf16_conv_has_fp32_results_and_gradients():
                        jax.grad(loss, (0, 1))(x, w, jnp.float32)):
     assert got.dtype == jnp.float32
     assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 2e-2
+
+
+# ---------------------------------------------------------------- the light conv stem ("conv")
+
+def _conv_model(groups):
+  return reid_model.UADNet(num_classes=5, variant="mu/8", image_size=IMAGE, stem="conv",
+                           stochastic_depth=0.0, bn_groups=groups)
+
+
+def test_conv_stem_is_stride_two_convs_with_batch_norm_down_to_the_patch_grid():
+  x = np.random.RandomState(5).randn(2, *IMAGE, 3).astype(np.float32)
+  stem = conv_stem.EarlyConvStem(patch=8, width=4, max_width=6)
+  variables = stem.init(jax.random.key(0), jnp.asarray(x), train=True)
+  params = nn.unbox(variables["params"])
+  assert [params[f"conv{i}"]["kernel"].shape for i in (1, 2, 3)] == [(3, 3, 3, 4), (3, 3, 4, 6),
+                                                                      (3, 3, 6, 6)]
+  y, _ = stem.apply(variables, jnp.asarray(x), train=True, mutable=["batch_stats"])
+  # The same stages stated with lax convolutions and the BatchNorm reference.
+  h = x
+  for i in (1, 2, 3):
+    h = np.asarray(jax.lax.conv_general_dilated(
+        h, params[f"conv{i}"]["kernel"], (2, 2), ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST))
+    h = np.maximum(_bn_reference(h, 1)[0], 0.0)
+  assert y.shape == (2, IMAGE[0] // 8, IMAGE[1] // 8, 6)
+  np.testing.assert_allclose(y, h, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="power of 2"):
+    conv_stem.EarlyConvStem(patch=6).init(jax.random.key(0), jnp.asarray(x), train=True)
+
+
+def test_conv_stem_replica_groups_are_independent_batches_and_inference_needs_stats():
+  x = jnp.asarray(np.random.RandomState(6).randn(4, *IMAGE, 3), jnp.float32)
+  variables = _conv_model(2).init({"params": jax.random.key(0), "dropout": jax.random.key(1)},
+                                  x, train=True)
+  (_, feats), both = _conv_model(2).apply(variables, x, train=True, mutable=["batch_stats"])
+  halves = [_conv_model(1).apply(variables, x[i:i + 2], train=True, mutable=["batch_stats"])
+            for i in (0, 2)]
+  np.testing.assert_allclose(feats, np.concatenate([h[0][1] for h in halves]), atol=2e-5)
+  average = jax.tree.map(lambda a, b: (a + b) / 2, halves[0][1], halves[1][1])
+  for got, want in zip(jax.tree.leaves(both), jax.tree.leaves(average)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="batch_stats"):
+    _conv_model(1).apply({"params": variables["params"]}, x, train=False)
+
+
+@pytest.mark.parametrize("stem", ["patch", "ics", "conv"])
+def test_an_exported_backbone_reads_back_exactly_through_the_importer(stem, tmp_path):
+  model = reid_model.UADNet(num_classes=3, variant="mu/8", image_size=IMAGE, stem=stem)
+  variables = nn.unbox(model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)},
+                                  jnp.zeros((2, *IMAGE, 3)), train=True))
+  keys = iter(jax.random.split(jax.random.key(2), 1000))   # every leaf its own values
+  variables = jax.tree.map(lambda a: a + jax.random.normal(next(keys), a.shape), variables)
+  path = backbone_export.save_backbone(str(tmp_path / "b.safetensors"), variables)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)
+  loaded, report = pretrained.load_backbone_variables(path, abstract, grid_hw=model.patch_grid,
+                                                      log=None)
+  assert report.missing == [] and report.unexpected == []
+  flat = lambda tree: traverse_util.flatten_dict(tree, sep="/")
+  for collection in ("params", "batch_stats"):
+    want = {k: v for k, v in flat(variables[collection]).items() if k.startswith("backbone/")}
+    got = flat(loaded[collection])
+    for key, value in want.items():
+      np.testing.assert_array_equal(got[key], value, err_msg=key)
+  names = set(safetensors_names(path))
+  assert ("patch_embed.conv.0.weight" in names) == (stem == "ics")
+  assert ("patch_embed.stem.0.conv.weight" in names) == (stem == "conv")
+  with pytest.raises(ValueError, match="safetensors"):
+    backbone_export.save_backbone(str(tmp_path / "b.pth"), variables)
+
+
+def safetensors_names(path):
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  return load_file(path).keys()

@@ -240,8 +240,10 @@ def test_tfds_built_synthetic_whu_mars(tmp_path):
                             text=True, cwd=REPO)
     assert result.returncode == 0, f"{command[0]} failed:\n{result.stderr[-3000:]}"
 
-  config = uad.get_config("synthetic")  # P=4, K=2, R=1 at 128×64
+  config = uad.get_config("synthetic")  # P=4, K=2, R=1
   config.dataset.data_dir = str(data_dir)
+  config.dataset.synthetic_ids = 0      # built above, by hand: data_dir holds it as it is
+  config.model.image_size = (128, 64)
   config.optim.epochs = 2
   train = input_pipeline.train_plan_from_config(config)
   assert train.num_classes == 4  # half of the 8 synthetic identities train

@@ -148,6 +148,17 @@ def test_cross_entropy_matches_numpy():
                                                   jnp.asarray(y)), np_ce(logits, y), rtol=1e-5)
 
 
+@pytest.mark.parametrize("eps", [0.1, 0.5])
+def test_label_smoothed_cross_entropy_against_the_smoothed_target(eps):
+  rng = np.random.RandomState(4)
+  logits, y = 5 * rng.randn(9, 6), rng.randint(0, 6, 9)
+  log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+  target = (1 - eps) * np.eye(6)[y] + eps / 6
+  want = -np.mean(np.sum(target * log_p, axis=1))
+  got = losses.cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(y), eps)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
 def test_prototype_update_averages_duplicates_and_touches_present_rows_only():
   rng = np.random.RandomState(2)
   protos = rng.randn(12, D).astype(np.float32)

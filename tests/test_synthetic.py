@@ -9,6 +9,7 @@ from PIL import Image
 
 from tfds_whumars import raw_layout
 from tfds_whumars import synthetic
+from tfds_whumars import synthetic_people
 from tfds_whumars import synthetic_render
 
 SMALL = synthetic.Options(frames_per_camera=1, crop_scale=0.3)
@@ -162,3 +163,35 @@ def test_command_line(tmp_path, capsys):
   synthetic.main(["--out", str(tmp_path), "--ids", "3", "--seed", "2", "--crop_scale", "0.3"])
   assert "images/s" in capsys.readouterr().out
   assert list((tmp_path / "WHU-MARS" / "train" / "RGB").glob("0*_c*_*.jpg"))
+
+
+def test_spectral_coupling_moves_only_the_garments_nir_and_heat_towards_their_colour():
+  people = [synthetic_people.sample_appearance(np.random.default_rng([7, i])) for i in range(200)]
+  coupled = [synthetic_people.sample_appearance(np.random.default_rng([7, i]), 1.0)
+             for i in range(200)]
+  top = synthetic_people.TOP
+  for a, b in zip(people, coupled):   # the same people: every draw is made before the coupling
+    np.testing.assert_array_equal(a.rgb, b.rgb)
+    assert (a.top_pattern, a.bag, a.width, a.height) == (b.top_pattern, b.bag, b.width, b.height)
+    for table in ("nir", "heat"):     # skin and hair keep their sensor-specific values
+      for material in (synthetic_people.SKIN, synthetic_people.HAIR):
+        assert getattr(a, table)[material] == getattr(b, table)[material]
+  lum = np.array([p.rgb[top] @ [0.299, 0.587, 0.114] for p in people])
+  nir = np.array([p.nir[top] for p in coupled])
+  heat = np.array([p.heat[top] for p in coupled])
+  np.testing.assert_allclose(nir, lum, atol=1e-12)
+  np.testing.assert_allclose(heat, 0.75 - 0.55 * lum, atol=1e-12)  # dark dyes run warmer
+  assert abs(np.corrcoef(lum, [p.nir[top] for p in people])[0, 1]) < 0.8   # default: loose
+  bags = [p.heat[synthetic_people.BAG] for p in coupled]
+  assert max(bags) <= 0.15                                                # a bag stays cold
+  with pytest.raises(ValueError, match="coupling"):
+    synthetic_people.couple_spectra(people[0].rgb, people[0].nir, people[0].heat, 1.5)
+
+
+def test_named_difficulties():
+  demo = synthetic.options_for("demo")
+  assert (demo.night_fraction, demo.lookalike_fraction) == (0.0, 0.0)
+  assert demo.spectral_coupling > 0 and synthetic.options_for("default") == synthetic.Options()
+  assert synthetic.options_for("demo", train_fraction=0.9).train_fraction == 0.9
+  with pytest.raises(ValueError, match="unknown synthetic difficulty 'hard'"):
+    synthetic.options_for("hard")

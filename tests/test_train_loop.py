@@ -20,6 +20,9 @@ def _config(tmp_path, epochs=2):
     c.dataset.synthetic_ids = 16
     c.sampler.identities, c.sampler.instances = 2, 2
     c.model.image_size = (32, 16)
+    # fp32, so that the job's sharded features and the test's own agree closely enough that no
+    # near-tie in a ranking flips (the bf16 path runs end to end in test_learning.py).
+    c.model.dtype = "float32"
     c.optim.epochs = epochs
     c.eval_every_epochs = 1
     c.eval_batch_size = 64
@@ -28,15 +31,15 @@ def _config(tmp_path, epochs=2):
   return c
 
 
-def _retrieval_side(config, params, split):
+def _retrieval_side(config, state, split):
   """Features of every image of an eval split by the model applied directly, and the metadata."""
   model = train_state.build_model(config, 1)
-  source = input_pipeline.open_split(f"{config.dataset.name}/{config.dataset.config}", split,
-                                     config.dataset.data_dir)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  source = input_pipeline.open_split_from_config(config, split)
   feats, meta = [], []
   for batch in input_pipeline.make_eval_dataset(source, 64, image_size=config.model.image_size):
     mask = batch["mask"]
-    feats.append(np.asarray(model.apply({"params": params}, batch["images"]))[mask])
+    feats.append(np.asarray(model.apply(variables, batch["images"]))[mask])
     meta.append(np.stack([batch[k][mask] for k in ("person_ids", "cameras")]))
   meta = np.concatenate(meta, axis=1)
   return np.concatenate(feats), meta[0], meta[1]
@@ -56,8 +59,8 @@ def test_resumed_run_ends_where_an_unbroken_one_does(tmp_path):
   assert report["camera_rule"] == "market"
   as_reid = report["protocols"]["as_reid"]["all→all"]
   # The report is the final model's retrieval on the test split under the configured rule.
-  q_feats, q_ids, q_cams = _retrieval_side(config, unbroken.params, "query")
-  g_feats, g_ids, g_cams = _retrieval_side(config, unbroken.params, "gallery")
+  q_feats, q_ids, q_cams = _retrieval_side(config, unbroken, "query")
+  g_feats, g_ids, g_cams = _retrieval_side(config, unbroken, "gallery")
   want = {rule: metrics.evaluate(q_feats, g_feats, q_ids, g_ids, q_cams, g_cams,
                                     camera_rule=rule) for rule in ("market", "sysu")}
   assert want["market"]["mAP"] != want["sysu"]["mAP"]      # the rule matters on this split

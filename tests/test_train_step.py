@@ -20,6 +20,9 @@ def _config(replicas=2, mesh=(1, 1), dtype="float32", stochastic_depth=0.1, loss
             fsdp=False):
   c = uad.get_config(f"synthetic,loss={loss},fsdp={fsdp}")
   with c.unlocked():
+    # The step's semantics on the plain tiny ViT, whatever the synthetic demo's model and recipe.
+    c.model.variant, c.model.stem = "mu/16", "patch"
+    c.optim.lr_per_replica, c.optim.epochs, c.optim.warmup_epochs = 0.008, 4, 1
     c.num_replicas = replicas
     c.sampler.identities, c.sampler.instances = P, K
     c.model.image_size = (32, 16)
@@ -404,6 +407,49 @@ def test_three_steps_match_torch_sgd_with_coupled_decay_and_clipping():
   for n in names:
     np.testing.assert_allclose(got[n], ref[n], rtol=1e-5, atol=1e-7, err_msg=n)
   np.testing.assert_array_equal(got["bnneck/bias"], 0.0)
+
+
+def test_adamw_steps_match_a_numpy_statement_with_decoupled_decay():
+  """The pretraining stage's optimizer: torch-clipped gradients through Adam (bias-corrected
+  moments, β = 0.9, 0.999, ε = 1e-8), then the decoupled decay wd·p, times the group's LR."""
+  config = uad.get_config("synthetic")
+  wd = 0.05
+  with config.unlocked():
+    config.optim.name, config.optim.weight_decay, config.optim.lr_per_replica = "adamw", wd, 2e-3
+  rng = np.random.RandomState(1)
+  params = {"backbone": {"fc": {"kernel": rng.randn(4, 3), "bias": rng.randn(3)}},
+            "bnneck": {"scale": rng.randn(3), "bias": np.zeros(3)}}
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  tx = optim.make_optimizer(config.optim, params, num_replicas=1, steps_per_epoch=1)
+  grads_seq = [jax.tree.map(lambda x: jnp.asarray(rng.randn(*x.shape) * s, jnp.float32), params)
+               for s in (3.0, 0.01, 2.0)]
+  state, p = tx.init(params), params
+  for g in grads_seq:
+    updates, state = tx.update(g, state, p)
+    p = jax.tree.map(lambda a, u: a + u, p, updates)
+  names = ["backbone/fc/kernel", "backbone/fc/bias", "bnneck/scale"]
+  ref = {n: np.asarray(traverse_util.flatten_dict(params, sep="/")[n], np.float64) for n in names}
+  m = {n: 0.0 for n in names}
+  v = {n: 0.0 for n in names}
+  b, o = 2e-3, config.optim
+  for t, g in enumerate(grads_seq, start=1):
+    gf = {n: np.asarray(traverse_util.flatten_dict(g, sep="/")[n], np.float64) for n in names}
+    coef = min(1.0, 1.0 / (np.sqrt(sum(np.sum(x**2) for x in gf.values())) + 1e-6))
+    for n in names:
+      m[n] = 0.9 * m[n] + 0.1 * gf[n] * coef
+      v[n] = 0.999 * v[n] + 0.001 * (gf[n] * coef)**2
+      adam = (m[n] / (1 - 0.9**t)) / (np.sqrt(v[n] / (1 - 0.999**t)) + 1e-8)
+      group_base = b * o.bias_lr_factor if "bias" in n else b
+      lr = np_epoch_lr(t, group_base, b, o.epochs, o.warmup_epochs)
+      ref[n] = ref[n] - lr * (adam + wd * ref[n])
+  got = traverse_util.flatten_dict(p, sep="/")
+  for n in names:
+    np.testing.assert_allclose(got[n], ref[n], rtol=1e-5, atol=1e-7, err_msg=n)
+  np.testing.assert_array_equal(got["bnneck/bias"], 0.0)
+  with config.unlocked():
+    config.optim.name = "lamb"
+  with pytest.raises(ValueError, match="config.optim.name='lamb'"):
+    optim.make_optimizer(config.optim, params, num_replicas=1, steps_per_epoch=1)
 
 
 def test_an_indivisible_identity_count_names_the_array_and_the_settings():

@@ -1,6 +1,7 @@
 """Synthetic WHU-MARS: a raw folder with the released layout and learnable, non-trivial people.
 
-  python -m tfds_whumars.synthetic --out DIR --ids N --seed S [--root_name WHU-MARS_2337]
+  python -m tfds_whumars.synthetic --out DIR --ids N --seed S [--root_name WHU-MARS_2337] \
+      [--difficulty demo]
 
 writes DIR/WHU-MARS/{train,query,test}/{RGB,IR,Thermal}/<id:04d>_c<cam>_<frame:06d>.jpg. Like
 ReID datasets, about half the identities are for training and the others for testing (disjoint);
@@ -35,6 +36,7 @@ class Options:
   night_fraction: float = 0.3  # frames captured at night
   train_ids_missing_modality: int = 0  # train identities given no images in one modality
   crop_scale: float = 1.0  # multiplies crop sizes (dummy_data uses small crops to stay tiny)
+  spectral_coupling: float = 0.0  # 0: NIR/heat independent of colour; 1: they follow luminance
   jpeg_quality: int = 90
   camera_viewpoints: tuple[str, ...] = raw_layout.DEFAULT_CAMERA_VIEWPOINTS
 
@@ -49,6 +51,24 @@ class _Capture:
   split_of_modality: dict[str, str]  # modality -> split; a modality left out has no image
 
 
+# Named difficulties. "default" is the benchmark-like set (night frames, look-alikes, sensor tables
+# independent of colour). "demo" is what a tiny model trained for minutes on a CPU can learn to
+# re-identify across modalities: daylight only, no look-alikes, and garments whose NIR and heat
+# follow their colour's brightness (so patterns and two-tone outfits carry across sensors).
+DIFFICULTIES = {
+    "default": Options(),
+    "demo": Options(night_fraction=0.0, lookalike_fraction=0.0, spectral_coupling=0.8),
+}
+
+
+def options_for(difficulty: str, **overrides) -> Options:
+  """The Options of a named difficulty, with fields replaced by `overrides`."""
+  if difficulty not in DIFFICULTIES:
+    raise ValueError(f"unknown synthetic difficulty {difficulty!r}; expected one of "
+                     f"{sorted(DIFFICULTIES)}")
+  return dataclasses.replace(DIFFICULTIES[difficulty], **overrides)
+
+
 def _identity_split(num_ids: int, seed: int, options: Options) -> tuple[list[int], list[int]]:
   """Raw ids 1..num_ids shuffled into train and test, so train ids are not contiguous."""
   if not 2 <= num_ids <= 9999:
@@ -60,7 +80,8 @@ def _identity_split(num_ids: int, seed: int, options: Options) -> tuple[list[int
 
 def _appearances(train_ids, test_ids, seed, options):
   """Identity -> Appearance; look-alike pairs are made within a split, where they confuse."""
-  appearances = {pid: synthetic_people.sample_appearance(np.random.default_rng([seed, 1, pid]))
+  appearances = {pid: synthetic_people.sample_appearance(np.random.default_rng([seed, 1, pid]),
+                                                        options.spectral_coupling)
                  for pid in train_ids + test_ids}
   rng = np.random.default_rng([seed, 2])
   for ids in (train_ids, test_ids):
@@ -173,14 +194,17 @@ def main(argv=None) -> None:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--root_name", "--root-name", default="WHU-MARS",
                       choices=sorted(raw_layout.RAW_FOLDERS.values()))
-  parser.add_argument("--frames_per_camera", "--frames-per-camera", type=int,
-                      default=Options.frames_per_camera)
-  parser.add_argument("--crop_scale", "--crop-scale", type=float, default=Options.crop_scale)
-  parser.add_argument("--train_ids_missing_modality", "--train-ids-missing-modality", type=int,
-                      default=Options.train_ids_missing_modality)
+  parser.add_argument("--difficulty", default="default", choices=sorted(DIFFICULTIES),
+                      help="named set of the knobs below (DIFFICULTIES)")
+  # Each knob given replaces the difficulty's value.
+  parser.add_argument("--frames_per_camera", "--frames-per-camera", type=int)
+  parser.add_argument("--crop_scale", "--crop-scale", type=float)
+  parser.add_argument("--train_ids_missing_modality", "--train-ids-missing-modality", type=int)
   args = parser.parse_args(argv)
-  options = Options(frames_per_camera=args.frames_per_camera, crop_scale=args.crop_scale,
-                    train_ids_missing_modality=args.train_ids_missing_modality)
+  overrides = {k: getattr(args, k) for k in ("frames_per_camera", "crop_scale",
+                                             "train_ids_missing_modality")
+               if getattr(args, k) is not None}
+  options = options_for(args.difficulty, **overrides)
   start = time.perf_counter()
   images = generate(args.out, args.ids, args.seed, args.root_name, options)
   seconds = time.perf_counter() - start

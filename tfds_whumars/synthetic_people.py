@@ -67,8 +67,12 @@ def _garment_nir(rng: np.random.Generator, rgb: np.ndarray) -> np.ndarray:
   return np.clip(0.35 * _luminance(rgb) + 0.65 * rng.uniform(0.1, 0.95, size=len(rgb)), 0.0, 1.0)
 
 
-def sample_appearance(rng: np.random.Generator) -> Appearance:
-  """A random person."""
+def sample_appearance(rng: np.random.Generator, spectral_coupling: float = 0.0) -> Appearance:
+  """A random person.
+
+  `spectral_coupling` in [0, 1] ties each garment's NIR reflectance and temperature to its visible
+  brightness (`couple_spectra`); 0, the default, leaves the three sensors' tables independent.
+  """
   rgb = np.zeros((NUM_PERSON_MATERIALS, 3))
   skin_tone = rng.uniform()
   rgb[SKIN] = (1 - skin_tone) * _LIGHT_SKIN + skin_tone * _DARK_SKIN
@@ -95,6 +99,8 @@ def sample_appearance(rng: np.random.Generator) -> Appearance:
       _luminance(rgb[BOTTOM]) - _luminance(rgb[BOTTOM_ACCENT]))
   heat[SHOES], heat[BAG], heat[HAT] = rng.uniform(0.2, 0.3), rng.uniform(0.02, 0.15), 0.35
 
+  if spectral_coupling:  # after every draw: the same people, only their NIR and heat tables move
+    nir, heat = couple_spectra(rgb, nir, heat, spectral_coupling)
   return Appearance(
       rgb=rgb, nir=nir, heat=heat,
       top_pattern=int(rng.choice(len(TOP_PATTERNS), p=[0.4, 0.15, 0.1, 0.1, 0.15, 0.1])),
@@ -109,6 +115,30 @@ def sample_appearance(rng: np.random.Generator) -> Appearance:
       height=float(rng.uniform(0.88, 1.0)),
       head=float(rng.uniform(0.9, 1.12)),
   )
+
+
+# Dyed materials, whose NIR `couple_spectra` ties to visible brightness, and those worn on the
+# warm body, whose temperature it ties too (a bag stays cold, shoes near the ground's heat).
+_DYED = [TOP, TOP_ACCENT, BOTTOM, BOTTOM_ACCENT, SHOES, BAG, HAT]
+_WORN = [TOP, TOP_ACCENT, BOTTOM, BOTTOM_ACCENT, HAT]
+
+
+def couple_spectra(rgb: np.ndarray, nir: np.ndarray, heat: np.ndarray,
+                   coupling: float) -> tuple[np.ndarray, np.ndarray]:
+  """NIR and heat tables moved towards what the visible colour predicts, by `coupling` ∈ [0, 1].
+
+  At 1 a garment's NIR reflectance is its visible luminance and its temperature falls linearly
+  with it (dark dyes absorb more sunlight), so a pattern or a two-tone outfit keeps its layout
+  and its ordering of brightness in all three sensors: appearance cues that carry across
+  modalities, as they do between real cameras more than in the default's independent tables.
+  Skin and hair keep their sensor-specific values.
+  """
+  if not 0.0 <= coupling <= 1.0:
+    raise ValueError(f"spectral coupling must be in [0, 1], got {coupling}")
+  nir, heat = nir.copy(), heat.copy()
+  nir[_DYED] = (1 - coupling) * nir[_DYED] + coupling * _luminance(rgb[_DYED])
+  heat[_WORN] = (1 - coupling) * heat[_WORN] + coupling * (0.75 - 0.55 * _luminance(rgb[_WORN]))
+  return nir, heat
 
 
 def lookalike(base: Appearance, rng: np.random.Generator) -> Appearance:

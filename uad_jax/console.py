@@ -8,6 +8,8 @@ This is the only module that imports tqdm.
 """
 import sys
 
+from absl import flags
+from absl import logging
 import jax
 import tqdm
 
@@ -33,3 +35,13 @@ def progress(total: int, description: str, *, enabled: bool, unit: str = "img") 
   """
   return tqdm.tqdm(total=total, desc=description, unit=unit, disable=not enabled,
                    file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+def quiet_libraries_unless_asked() -> None:
+  """Libraries log warnings and errors only, unless the command was given ``--verbosity``.
+
+  absl.app turns an unset --verbosity into INFO, which buries a job's own lines under every
+  checkpoint write Orbax logs; ``-v 0`` brings those INFO lines back, ``-v 1`` adds DEBUG.
+  """
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)

@@ -13,10 +13,10 @@ progress bars, JAX), ``-v 1`` adds DEBUG.
 """
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
-from uad_jax.training import loop
+from uad_jax import console
+from uad_jax.training import loop, pretrain
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/uad.py:synthetic",
                                           "Config file and its argument.", lock_config=True)
@@ -27,11 +27,9 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdir/synthetic",
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    # absl.app turns an unset --verbosity into INFO, which buries the job's lines under every
-    # checkpoint write Orbax logs.
-    logging.set_verbosity(logging.WARNING)
-  loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  console.quiet_libraries_unless_asked()
+  config = pretrain.with_pretrained_backbone(_CONFIG.value)
+  loop.train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import grain
 import numpy as np
 
 from uad_jax.data import augment
+from uad_jax.data import prepare
 from uad_jax.data import sampler as sampler_lib
 
 # Feature names of a whu_mars record (tfds_whumars/whu_mars builder).
@@ -144,8 +145,9 @@ class _TrainImage(grain.transforms.Map):
   """Position of an image in this process's stream → its augmented image and labels."""
 
   def __init__(self, source, sampler: sampler_lib.PMKSampler, steps_per_epoch, image_size,
-               process_index: int, local_rows: int):
+               process_index: int, local_rows: int, padding: int):
     self._source = source
+    self._padding = padding
     self._sampler = sampler
     self._image_size = tuple(image_size)
     self._first_step = np.concatenate([[0], np.cumsum(steps_per_epoch)])
@@ -186,7 +188,7 @@ class _TrainImage(grain.transforms.Map):
     epoch_position = step_in_epoch * self._sampler.shape.step_rows + row
     rng = augment.image_rng(self._sampler.seed, epoch, epoch_position)
     return {
-        "images": augment.train_transform(image, rng, self._image_size),
+        "images": augment.train_transform(image, rng, self._image_size, padding=self._padding),
         "labels": np.int32(record[LABEL]),
         "modalities": np.int32(record[MODALITY]),
         "cameras": np.int32(record[CAMERA]),
@@ -256,8 +258,8 @@ def plan_training(metadata: SplitMetadata, shape: sampler_lib.BatchShape, *, see
 
 
 def make_train_dataset(source, plan: TrainPlan, *, image_size=augment.DEFAULT_IMAGE_SIZE,
-                       process_index: int = 0, process_count: int = 1, num_workers: int = 0,
-                       num_threads: int = 2,
+                       padding: int = augment.PADDING, process_index: int = 0,
+                       process_count: int = 1, num_workers: int = 0, num_threads: int = 2,
                        prefetch_images: int = DEFAULT_PREFETCH_IMAGES) -> grain.IterDataset:
   """The train stream of every planned epoch over the train split `source`.
 
@@ -271,7 +273,7 @@ def make_train_dataset(source, plan: TrainPlan, *, image_size=augment.DEFAULT_IM
                             "the global batch R·M·P·K")
   per_image = grain.MapDataset.range(plan.total_steps * local_rows).map(
       _TrainImage(source, plan.sampler, plan.steps_per_epoch, image_size, process_index,
-                  local_rows))
+                  local_rows, padding))
   return _parallel(per_image, local_rows, num_workers, num_threads, prefetch_images)
 
 
@@ -326,7 +328,7 @@ def make_eval_dataset(source, batch_size: int, *, image_size=augment.DEFAULT_IMA
 
 def train_plan_from_config(config, *, missing_modality: str = "error") -> TrainPlan:
   """`plan_training` for the train split of the prepared dataset that `config` names."""
-  source = open_split(_dataset_name(config), "train", config.dataset.data_dir)
+  source = open_split_from_config(config, "train")
   shape = sampler_lib.BatchShape(
       identities=config.sampler.identities, instances=config.sampler.instances,
       modalities=config.sampler.modalities, replicas=config.num_replicas)
@@ -339,17 +341,19 @@ def train_dataset_from_config(config, plan: TrainPlan, **kwargs) -> grain.IterDa
 
   kwargs: process_index, process_count, num_workers, num_threads, prefetch_images.
   """
-  source = open_split(_dataset_name(config), "train", config.dataset.data_dir)
-  return make_train_dataset(source, plan, image_size=tuple(config.model.image_size), **kwargs)
+  source = open_split_from_config(config, "train")
+  return make_train_dataset(source, plan, image_size=tuple(config.model.image_size),
+                            padding=config.augment_padding, **kwargs)
 
 
 def eval_datasets_from_config(config, batch_size: int, **kwargs) -> dict[str, grain.IterDataset]:
   """{"query": …, "gallery": …} eval datasets of the prepared dataset that `config` names."""
-  return {split: make_eval_dataset(
-              open_split(_dataset_name(config), split, config.dataset.data_dir), batch_size,
-              image_size=tuple(config.model.image_size), **kwargs)
+  return {split: make_eval_dataset(open_split_from_config(config, split), batch_size,
+                                   image_size=tuple(config.model.image_size), **kwargs)
           for split in ("query", "gallery")}
 
 
-def _dataset_name(config) -> str:
-  return f"{config.dataset.name}/{config.dataset.config}"
+def open_split_from_config(config, split: str):
+  """`open_split` of the prepared dataset that `config` names (`prepare.dataset_dirs`)."""
+  return open_split(f"{config.dataset.name}/{config.dataset.config}", split,
+                    prepare.dataset_dirs(config)[1])

@@ -82,8 +82,7 @@ def evaluate_model(model, variables, config, mesh, out_dir: str | None, label: s
   """
   if progress is None:
     progress = console.bars_enabled(log)
-  sources = [input_pipeline.open_split(f"{config.dataset.name}/{config.dataset.config}", split,
-                                       config.dataset.data_dir) for split in ("query", "gallery")]
+  sources = [input_pipeline.open_split_from_config(config, split) for split in ("query", "gallery")]
   start = time.perf_counter()
   with console.progress(sum(map(len, sources)), f"{label}: features", enabled=progress) as bar:
     query, gallery = (extract_features(model, variables, config, _eval_dataset(config, source),

@@ -1,12 +1,19 @@
-"""The "ICS" convolutional stem of the reference's ``vit_ics_lup`` backbone (TransReID-SSL).
+"""Convolutional stems before the ViT's patch projection.
 
+``ICSStem``: the "ICS" stem of the reference's ``vit_ics_lup`` backbone (TransReID-SSL).
 Before the patch projection, the image passes
   conv 7×7 stride 2 → IBN → ReLU → conv 3×3 → IBN → ReLU → conv 3×3 → BatchNorm → ReLU,
 all convs without bias; the projection then uses patch/2 patches of this half-resolution map, so
 the token grid is the plain ViT's. IBN normalises the first half of the channels per image
 (InstanceNorm) and the rest per replica batch (BatchNorm). The BatchNorms follow the BNNeck's
 per-replica-group rule (``norms.GroupBatchNorm``) and need running statistics in evaluation.
+
+``EarlyConvStem``: the light stem of Xiao et al. (NeurIPS 2021, "Early convolutions help
+transformers see better"), a stack of 3×3 stride-2 convs that replaces the patch projection's
+stride altogether; the usual cure for ViTs that learn slowly from scratch (the synthetic demo's
+backbone, chosen by measurement, see the README).
 """
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -65,3 +72,28 @@ class ICSStem(nn.Module):
     x = Conv(self.width, 3, 1, 1, self.dtype, name="conv3")(x)
     bn = norms.GroupBatchNorm(self.num_groups, axis_name=CHANNELS, name="bn3")
     return nn.relu(bn(x, train))
+
+
+class EarlyConvStem(nn.Module):
+  """NHWC images [B, H, W, 3] → fp32 [B, H/patch, W/patch, C]: log2(patch) stages of 3×3 stride-2
+  conv (no bias) → per-group BatchNorm → ReLU, channels doubling from ``width`` up to
+  ``max_width``; the ViT then projects each position (a 1×1 patch) to its width."""
+  patch: int
+  width: int = 32
+  max_width: int = 64
+  num_groups: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool):
+    stages = int(round(math.log2(self.patch)))
+    if 2**stages != self.patch:
+      raise ValueError(f"the conv stem downsamples by 2 per stage, so the patch size must be a "
+                       f"power of 2, got {self.patch}")
+    x, channels = images, self.width
+    for stage in range(1, stages + 1):
+      x = Conv(channels, 3, 2, 1, self.dtype, name=f"conv{stage}")(x)
+      bn = norms.GroupBatchNorm(self.num_groups, axis_name=CHANNELS, name=f"bn{stage}")
+      x = nn.relu(bn(x, train))
+      channels = min(2 * channels, self.max_width)
+    return x

@@ -9,7 +9,9 @@ Formats, chosen by file suffix:
     by ``torch_pickle`` (which refuses anything in the pickle but tensors and plain containers);
     also a TransReID-SSL / LUPerson checkpoint: a dict holding ``model`` or ``state_dict``, or a
     DINO dict whose ``teacher`` keys are ``module.backbone.*``, with the ICS stem's
-    ``patch_embed.conv.*`` tensors (``vit_ics_lup``).
+    ``patch_embed.conv.*`` tensors (``vit_ics_lup``); and the light conv stem's
+    ``patch_embed.stem.<i>.{conv,bn}.*`` (``conv_stem.EarlyConvStem``, written by
+    ``backbone_export``).
 The classification head is dropped; the position grid is resized to the model's patch grid the way
 the reference does it (bilinear, align_corners=False, no antialias), read as a grid of height:width
 ``hw_ratio`` (the reference's 2 for the ICS stem's LUPerson checkpoints, whose 128 tokens are 16×8).
@@ -37,9 +39,11 @@ _TIMM_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 # TransReID's PatchEmbed_ICS.conv is an nn.Sequential: index → our stem module (2, 5, 8: ReLUs).
 _ICS_STEM = re.compile(r"^patch_embed\.conv\.(\d+)\.(?:(IN|BN)\.)?(\w+)$")
-_ICS_LAYERS = {"0": "conv1", "1": "ibn1", "3": "conv2", "4": "ibn2", "6": "conv3", "7": "bn3"}
-_ICS_NORMS = {"IN": "instance_norm", "BN": "batch_norm"}
-_NORM_TENSORS = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
+# The light conv stem: stage i (0-based) is our stem/conv{i+1} and stem/bn{i+1}.
+_CONV_STEM = re.compile(r"^patch_embed\.stem\.(\d+)\.(conv|bn)\.(\w+)$")
+ICS_LAYERS = {"0": "conv1", "1": "ibn1", "3": "conv2", "4": "ibn2", "6": "conv3", "7": "bn3"}
+ICS_NORMS = {"IN": "instance_norm", "BN": "batch_norm"}
+NORM_TENSORS = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
 # Converted names of running statistics carry this prefix; parameter names carry none.
 STATS = "batch_stats/"
 _IGNORED = "ignored"        # a tensor that is read and deliberately not used (num_batches_tracked)
@@ -134,20 +138,36 @@ def _fuse_google_qkv(arrays: dict, used: set) -> dict:
 def _from_ics_stem(name: str, x: np.ndarray):
   """TransReID ``patch_embed.conv.*`` name → (our path, array), _IGNORED, or None."""
   m = _ICS_STEM.match(name)
-  if not m or m.group(1) not in _ICS_LAYERS:
+  if not m or m.group(1) not in ICS_LAYERS:
     return None
-  layer, norm, kind = _ICS_LAYERS[m.group(1)], m.group(2), m.group(3)
+  layer, norm, kind = ICS_LAYERS[m.group(1)], m.group(2), m.group(3)
   if kind == "num_batches_tracked":   # torch's counter; only a momentum=None BatchNorm reads it
     return _IGNORED
   if layer.startswith("conv"):
     if norm or kind != "weight":
       return None
     return f"stem/{layer}/kernel", x.transpose(2, 3, 1, 0)      # OIHW → HWIO
-  if (norm is None) != (layer == "bn3") or kind not in _NORM_TENSORS:
+  if (norm is None) != (layer == "bn3") or kind not in NORM_TENSORS:
     return None
-  path = f"stem/{layer}/{_ICS_NORMS[norm]}" if norm else f"stem/{layer}"
+  path = f"stem/{layer}/{ICS_NORMS[norm]}" if norm else f"stem/{layer}"
   stats = kind.startswith("running_")
-  return f"{STATS if stats else ''}{path}/{_NORM_TENSORS[kind]}", x
+  return f"{STATS if stats else ''}{path}/{NORM_TENSORS[kind]}", x
+
+
+def _from_conv_stem(name: str, x: np.ndarray):
+  """``patch_embed.stem.<i>.{conv,bn}.*`` → (our path, array), _IGNORED, or None."""
+  m = _CONV_STEM.match(name)
+  if not m:
+    return None
+  stage, module, kind = int(m.group(1)) + 1, m.group(2), m.group(3)
+  if module == "conv":
+    return (f"stem/conv{stage}/kernel", x.transpose(2, 3, 1, 0)) if kind == "weight" else None
+  if kind == "num_batches_tracked":
+    return _IGNORED
+  if kind not in NORM_TENSORS:
+    return None
+  prefix = STATS if kind.startswith("running_") else ""
+  return f"{prefix}stem/bn{stage}/{NORM_TENSORS[kind]}", x
 
 
 def _from_timm(name: str, x: np.ndarray):
@@ -155,6 +175,8 @@ def _from_timm(name: str, x: np.ndarray):
   we do not use."""
   if name.startswith("patch_embed.conv."):
     return _from_ics_stem(name, x)
+  if name.startswith("patch_embed.stem."):
+    return _from_conv_stem(name, x)
   simple = {"cls_token": "cls_token", "pos_embed": "pos_embed",
             "norm.weight": "norm/scale", "norm.bias": "norm/bias",
             "patch_embed.proj.bias": "patch_embed/bias"}

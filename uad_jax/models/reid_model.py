@@ -21,8 +21,8 @@ class UADNet(nn.Module):
 
   Both outputs are fp32 whatever the backbone's compute dtype, so the loss heads run in fp32.
   Training applies with ``{"params", "batch_stats"}`` and ``mutable=["batch_stats"]``. Inference
-  needs only ``{"params"}`` with the patch stem; the ICS stem's BatchNorms need
-  ``{"params", "batch_stats"}`` (passing batch_stats is harmless for either stem).
+  needs only ``{"params"}`` with the patch stem; the convolutional stems' BatchNorms need
+  ``{"params", "batch_stats"}`` (passing batch_stats is harmless for any stem).
   """
   num_classes: int
   variant: str = "B/16"
@@ -30,8 +30,8 @@ class UADNet(nn.Module):
   stochastic_depth: float = 0.1
   dtype: Any = jnp.float32
   bn_groups: int = 1
-  stem: str = "patch"                 # backbone stem: "patch" (vit_base_in) | "ics" (vit_ics_lup)
-  stem_width: int | None = None       # ICS stem channels; None: the variant's
+  stem: str = "patch"                 # "patch" (vit_base) | "ics" (vit_ics_lup) | "conv" (vit.STEMS)
+  stem_width: int | None = None       # stem channels; None: the stem's default for the variant
 
   @property
   def patch_grid(self) -> tuple[int, int]:

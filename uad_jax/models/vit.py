@@ -4,9 +4,10 @@ Parameters are fp32 and carry logical axis names; the sharding rules that map th
 config data (``uad_jax.sharding``). ``dtype`` selects the compute dtype of the matrix products only
 (``uad_jax.models.precision``); the residual stream, LayerNorms and softmax stay fp32.
 
-Two stems put the image into tokens: ``"patch"``, the plain stride-16 patch projection, and
+Three stems put the image into tokens: ``"patch"``, the plain stride-16 patch projection;
 ``"ics"``, the reference's ``vit_ics_lup`` convolutional stem (``conv_stem``) before a stride-8
-projection of its half-resolution map. Both give the same token grid and the same body.
+projection of its half-resolution map; ``"conv"``, a light stack of 3×3 stride-2 convs (Xiao et
+al. 2021) and a 1×1 projection. All give the same token grid and the same body.
 """
 import dataclasses
 from typing import Any
@@ -27,7 +28,7 @@ VARIANTS = {
     "S": (384, 12, 6, 1536, 64),
     "B": (768, 12, 12, 3072, 64),
 }
-STEMS = ("patch", "ics")
+STEMS = ("patch", "ics", "conv")
 
 # Logical axis names. Activations get names of their own so that an FSDP rule on parameter
 # axes never shards activations by accident.
@@ -154,16 +155,17 @@ class Block(nn.Module):
 class ViT(nn.Module):
   """Maps NHWC images to the final-LayerNorm CLS token (fp32).
 
-  With ``stem="ics"`` the stem's BatchNorms compute per-replica-group statistics over
-  ``bn_groups`` contiguous row blocks in training, and evaluation needs their ``batch_stats``.
+  With a convolutional stem ("ics", "conv") the stem's BatchNorms compute per-replica-group
+  statistics over ``bn_groups`` contiguous row blocks in training, and evaluation needs their
+  ``batch_stats``.
   """
   variant: str = "B/16"
   image_size: tuple[int, int] = (256, 128)
   stochastic_depth: float = 0.1
   dtype: Any = jnp.float32
-  stem: str = "patch"                 # "patch" | "ics" (STEMS)
-  stem_width: int | None = None       # ICS stem channels; None: the variant's (VARIANTS)
-  bn_groups: int = 1                  # replica groups of the ICS stem's BatchNorms
+  stem: str = "patch"                 # "patch" | "ics" | "conv" (STEMS)
+  stem_width: int | None = None       # stem channels (first stage's for "conv"); None: default
+  bn_groups: int = 1                  # replica groups of the stems' BatchNorms
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -183,6 +185,10 @@ class ViT(nn.Module):
       x = conv_stem.ICSStem(self.stem_width or shape.stem_width, self.bn_groups, self.dtype,
                             name="stem")(images, train)
       p //= conv_stem.STRIDE
+    elif self.stem == "conv":
+      x = conv_stem.EarlyConvStem(p, self.stem_width or min(64, shape.width // 2), shape.width,
+                                  self.bn_groups, self.dtype, name="stem")(images, train)
+      p = 1
     c = x.shape[-1]
     # Stride-p patch embedding as a product: (ph, pw, c) flattening matches an HWIO conv kernel.
     patches = x.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)

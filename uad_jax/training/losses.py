@@ -12,12 +12,17 @@ from uad_jax.numerics import NORMALIZE_EPS, at_least_f32, l2_normalize
 _HI = jax.lax.Precision.HIGHEST
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean softmax cross-entropy over the batch, no label smoothing."""
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
+                  ) -> jax.Array:
+  """Mean softmax cross-entropy over the batch. The reference uses no label smoothing; with
+  ``label_smoothing`` = ε the target is (1 − ε)·one-hot + ε/C (generic pretraining uses it)."""
   logits = at_least_f32(logits)
   log_z = jax.nn.logsumexp(logits, axis=-1)
   true_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
-  return jnp.mean(log_z - true_logit)
+  loss = log_z - true_logit
+  if label_smoothing:
+    loss = (1 - label_smoothing) * loss + label_smoothing * (log_z - jnp.mean(logits, axis=-1))
+  return jnp.mean(loss)
 
 
 def pairwise_distances(feats: jax.Array) -> jax.Array:

@@ -1,4 +1,5 @@
-"""The reference's optimizer: clipped, coupled-weight-decay SGD with an epoch-stepped schedule.
+"""The reference's optimizer: clipped, coupled-weight-decay SGD with an epoch-stepped schedule
+(and AdamW on the same schedule, for the generic pretraining stage).
 
 Per step, in torch's order: zero the frozen BNNeck bias's gradient (torch never sees it), clip the
 global L2 norm, add ``weight_decay·param`` to the gradient of every trained parameter, SGD momentum
@@ -78,17 +79,29 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
 def make_optimizer(optim_config, params, num_replicas: int,
                    steps_per_epoch: int | Sequence[int]) -> optax.GradientTransformation:
+  """``optim_config.name``: "sgd", the reference's (coupled decay before momentum), or "adamw"
+  (decoupled decay after Adam's scaling; for the generic pretraining stage). Both freeze the
+  BNNeck bias, clip like torch and follow the epoch-stepped schedule per group."""
+  if optim_config.name not in OPTIMIZERS:
+    raise ValueError(f"config.optim.name={optim_config.name!r}; expected one of {OPTIMIZERS}")
   labels = param_labels(params)
   frozen = jax.tree.map(lambda label: label == FROZEN, labels)
   trained = jax.tree.map(lambda f: not f, frozen)
   schedules = group_schedules(optim_config, num_replicas, steps_per_epoch)
+  decay = optax.masked(optax.add_decayed_weights(optim_config.weight_decay), trained)
+  if optim_config.name == "sgd":
+    direction = [decay, optax.trace(decay=optim_config.momentum, nesterov=False)]
+  else:
+    direction = [optax.scale_by_adam(), decay]
   return optax.chain(
       optax.masked(optax.set_to_zero(), frozen),
       clip_by_global_norm_torch(optim_config.grad_clip_norm),
-      optax.masked(optax.add_decayed_weights(optim_config.weight_decay), trained),
-      optax.trace(decay=optim_config.momentum, nesterov=False),
+      *direction,
       optax.multi_transform({
           WEIGHT: optax.scale_by_schedule(lambda s: -schedules[WEIGHT](s)),
           BIAS: optax.scale_by_schedule(lambda s: -schedules[BIAS](s)),

@@ -21,8 +21,9 @@ from uad_jax import sharding
 from uad_jax.models import pretrained, reid_model
 from uad_jax.training import optim
 
-LOSS_TERMS = {"base": (), "base+proca": ("proca",), "base+gpd": ("gpd",),
-              "uad": ("proca", "gpd")}
+# The terms each loss adds up: the paper's ablation rows, and "ce" for generic pretraining.
+LOSS_TERMS = {"ce": ("ce",), "base": ("ce", "wrt"), "base+proca": ("ce", "wrt", "proca"),
+              "base+gpd": ("ce", "wrt", "gpd"), "uad": ("ce", "wrt", "proca", "gpd")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,7 @@ class StepConfig:
   gpd_weight: float
   gpd_tau: float
   prototype_momentum: float
+  label_smoothing: float
   lr_schedules: tuple[tuple[str, Callable], ...]
 
   @property
@@ -73,6 +75,7 @@ def step_config(config, steps_per_epoch) -> StepConfig:
       modalities=config.sampler.modalities, instances=config.sampler.instances,
       proca_weight=config.loss.proca_weight, gpd_weight=config.loss.gpd_weight,
       gpd_tau=config.loss.gpd_tau, prototype_momentum=config.loss.prototype_momentum,
+      label_smoothing=config.loss.label_smoothing,
       lr_schedules=tuple(sorted(schedules.items())))
 
 

@@ -19,7 +19,8 @@ def group_objective(feats, logits, labels, memory, cfg: StepConfig):
   """Loss terms of one replica group; also its P anchors and their identity labels."""
   proca_loss, anchors = losses.proca(feats, cfg.modalities, cfg.instances)
   ids = losses.batch_identity_ids(labels, cfg.modalities, cfg.instances)
-  terms = {"ce": losses.cross_entropy(logits, labels), "wrt": losses.wrt(feats, labels),
+  terms = {"ce": losses.cross_entropy(logits, labels, cfg.label_smoothing),
+           "wrt": losses.wrt(feats, labels),
            "proca": proca_loss}
   if "gpd" in cfg.terms:
     terms["gpd"] = losses.gpd(feats, labels, memory, ids, anchors, cfg.gpd_tau)
@@ -27,7 +28,9 @@ def group_objective(feats, logits, labels, memory, cfg: StepConfig):
 
 
 def total_loss(terms, cfg: StepConfig):
-  total = terms["ce"] + terms["wrt"]
+  total = terms["ce"]
+  if "wrt" in cfg.terms:
+    total += terms["wrt"]
   if "proca" in cfg.terms:
     total += cfg.proca_weight * terms["proca"]
   if "gpd" in cfg.terms:
