@@ -76,6 +76,18 @@ def test_a_cell_is_evaluate_on_its_subsets(exact):
   np.testing.assert_array_equal(cell["cmc"], direct["cmc"])
 
 
+def test_every_cell_uses_the_camera_rule_it_is_given():
+  market = protocols.evaluate_protocols(QUERY, GALLERY, camera_rule="market", max_rank=20)
+  assert market["camera_rule"] == "market"
+  # A cell whose query and gallery share cameras, where the two rules differ.
+  q, g = QUERY.subset(QUERY.modalities == 0), GALLERY.subset(GALLERY.modalities == 0)
+  for rule in ("market", "sysu"):
+    direct = metrics.evaluate(q.feats, g.feats, q.ids, g.ids, q.cams, g.cams, max_rank=20,
+                              camera_rule=rule)
+    cell = market["protocols"]["modality"][f"RGB{ARROW}RGB"]
+    assert (cell["mAP"] == direct["mAP"]) == (rule == "market"), rule
+
+
 def test_truncated_cells_are_labelled_and_at_most_exact(exact, truncated):
   assert exact["truncated_top_k"] is None and truncated["truncated_top_k"] == 12
   for protocol, cells in exact["protocols"].items():

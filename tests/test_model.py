@@ -118,6 +118,29 @@ def test_stochastic_depth_is_per_sample_and_linear_over_blocks():
   assert 2 <= len(distinct) <= 4
 
 
+def test_drop_path_keeps_or_drops_a_samples_whole_branch():
+  """Every token and feature of a sample's residual branch share one keep/drop draw (the CLS
+  output alone cannot tell: it reads the CLS token's draws only)."""
+  block = vit.Block(heads=2, mlp_dim=16, drop_path=0.5, dtype=jnp.float32)
+  x = jnp.asarray(np.random.RandomState(1).randn(32, 9, 8), jnp.float32)
+  params = block.init(jax.random.key(0), x, train=False)
+  seen = []
+
+  def record(next_fn, args, kwargs, context):
+    out = next_fn(*args, **kwargs)
+    if isinstance(context.module, nn.Dropout):
+      seen.append((np.asarray(args[0]), np.asarray(out)))
+    return out
+
+  with nn.intercept_methods(record):
+    block.apply(params, x, train=True, rngs={"dropout": jax.random.key(2)})
+  assert len(seen) == 2                                    # the attention and the MLP branch
+  for branch, out in seen:
+    dropped = np.all(out == 0, axis=(1, 2))
+    np.testing.assert_allclose(out[~dropped], 2 * branch[~dropped], rtol=1e-6)   # kept: 1/keep
+    assert 0 < dropped.sum() < len(dropped)
+
+
 @pytest.mark.parametrize("variant,last", [("mu/16", 0.5), ("Ti/16", 0.1)])
 def test_drop_path_rates_rise_linearly_from_zero_over_the_blocks(variant, last):
   """The rates the model's blocks were built with, read from the model as it runs."""
@@ -143,6 +166,18 @@ def test_unknown_variant_and_wrong_image_size_fail_clearly():
   model = vit.ViT("mu/16", IMAGE)
   with pytest.raises(ValueError, match="built for"):
     model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+def test_bf16_products_round_their_inputs_and_accumulate_in_fp32():
+  rng = np.random.RandomState(7)
+  x, w, b = rng.randn(3, 5, 64), rng.randn(64, 7), rng.randn(3, 64, 4)
+  as_bf16 = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64)
+  for fn, args in [(precision.matmul, (x, w)), (precision.bmm, (x, b))]:
+    got = np.asarray(fn(*(jnp.asarray(a, jnp.float32) for a in args), jnp.bfloat16))
+    exact = args[0] @ args[1]
+    rounded = as_bf16(args[0]) @ as_bf16(args[1])
+    np.testing.assert_allclose(got, rounded, rtol=1e-5, atol=1e-5)   # fp32 sums of bf16 inputs
+    assert np.max(np.abs(got - exact)) > 100 * np.max(np.abs(got - rounded))   # not fp32 inputs
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

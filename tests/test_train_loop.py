@@ -112,6 +112,13 @@ def test_resumed_run_ends_where_an_unbroken_one_does(tmp_path):
   assert (tmp_path / "b" / "train_curves.png").stat().st_size > 0
 
 
+def test_evaluations_fall_every_period_and_on_the_last_epoch(tmp_path):
+  config = _config(tmp_path, epochs=5)
+  with config.unlocked():
+    config.eval_every_epochs = 2
+  assert [e for e in range(1, 6) if loop.evaluation_due(config, e)] == [2, 4, 5]
+
+
 def test_too_few_classes_in_the_config_fail_clearly(tmp_path):
   config = _config(tmp_path)
   with config.unlocked():

@@ -282,6 +282,9 @@ def test_a_skipped_step_changes_no_leaf_of_the_state_and_the_next_step_runs_norm
   assert int(m1["nonfinite"]) == 0
   _assert_states_equal(after_skip, direct)
   assert int(after_skip.step) == 2
+  # A good step advances the key, so the next step draws new drop-path masks.
+  keys = [np.asarray(jax.random.key_data(s.rng)) for s in (skipped, after_skip)]
+  assert not np.array_equal(*keys)
 
 
 def test_a_finite_loss_with_an_overflowing_gradient_is_skipped_too():

@@ -82,18 +82,14 @@ def evaluate(query_feats, gallery_feats, query_ids, gallery_ids, query_cams, gal
     With no valid query the metrics are NaN.
   """
   query_feats, gallery_feats = _check_features(query_feats, gallery_feats)
-  labels = _check_labels(len(query_feats), len(gallery_feats), query_ids=query_ids,
-                         query_cams=query_cams, gallery_ids=gallery_ids, gallery_cams=gallery_cams)
   _check_options(camera_rule, max_rank, top_k, chunk_size, memory_budget_bytes)
-  q_ids, g_ids = _dense_codes(labels["query_ids"], labels["gallery_ids"])
-  q_cams, g_cams = _dense_codes(labels["query_cams"], labels["gallery_cams"])
-
+  q_ids, q_cams, g_ids, g_cams = _coded_labels(len(query_feats), len(gallery_feats), query_ids,
+                                               gallery_ids, query_cams, gallery_cams)
   pos_idx, num_pos = positive_table(q_ids, q_cams, g_ids, g_cams, camera_rule)
   valid = num_pos > 0
-  result = {"num_queries": len(query_feats), "num_valid_queries": int(valid.sum()),
-            "truncated_top_k": top_k}
+  result = _counts(len(q_ids), valid, top_k)
   if not valid.any():
-    return {**result, "mAP": math.nan, "mINP": math.nan, "cmc": np.full(max_rank, np.nan)}
+    return _without_valid_queries(result, max_rank)
 
   ap, inp, first_rank = (x[valid] for x in _per_query_metrics(
       query_feats, gallery_feats, q_ids, q_cams, g_ids, g_cams, pos_idx, num_pos,
@@ -104,6 +100,23 @@ def evaluate(query_feats, gallery_feats, query_ids, gallery_ids, query_cams, gal
   return {**result, "mAP": float(np.mean(ap, dtype=np.float64)),
           "mINP": float(np.mean(inp, dtype=np.float64)), "cmc": cmc}
 
+
+def _coded_labels(num_queries, num_gallery, query_ids, gallery_ids, query_cams, gallery_cams):
+  """Labels checked against the row counts, as dense int codes: (q_ids, q_cams, g_ids, g_cams)."""
+  labels = _check_labels(num_queries, num_gallery, query_ids=query_ids,
+                         query_cams=query_cams, gallery_ids=gallery_ids, gallery_cams=gallery_cams)
+  q_ids, g_ids = _dense_codes(labels["query_ids"], labels["gallery_ids"])
+  q_cams, g_cams = _dense_codes(labels["query_cams"], labels["gallery_cams"])
+  return q_ids, q_cams, g_ids, g_cams
+
+
+def _counts(num_queries: int, valid: np.ndarray, top_k) -> dict:
+  return {"num_queries": num_queries, "num_valid_queries": int(valid.sum()),
+          "truncated_top_k": top_k}
+
+
+def _without_valid_queries(result: dict, max_rank: int) -> dict:
+  return {**result, "mAP": math.nan, "mINP": math.nan, "cmc": np.full(max_rank, np.nan)}
 
 
 def chance_level(query_ids, gallery_ids, query_cams, gallery_cams, *, camera_rule: str = "sysu",
@@ -120,17 +133,14 @@ def chance_level(query_ids, gallery_ids, query_cams, gallery_cams, *, camera_rul
     E[INP] = Σ_{r=n..N} (n/r)·C(r−1, n−1)/C(N, n)  (the last positive at rank r).
   Means are over the queries with n > 0, as in `evaluate`. Returns the keys of `evaluate`.
   """
-  labels = _check_labels(len(query_ids), len(gallery_ids), query_ids=query_ids,
-                         query_cams=query_cams, gallery_ids=gallery_ids, gallery_cams=gallery_cams)
   _check_options(camera_rule, max_rank, None, None, 1)
-  q_ids, g_ids = _dense_codes(labels["query_ids"], labels["gallery_ids"])
-  q_cams, g_cams = _dense_codes(labels["query_cams"], labels["gallery_cams"])
+  q_ids, q_cams, g_ids, g_cams = _coded_labels(len(query_ids), len(gallery_ids), query_ids,
+                                               gallery_ids, query_cams, gallery_cams)
   kept, positives = _kept_counts(q_ids, q_cams, g_ids, g_cams, camera_rule)
   valid = positives > 0
-  result = {"num_queries": len(q_ids), "num_valid_queries": int(valid.sum()),
-            "truncated_top_k": None}
+  result = _counts(len(q_ids), valid, None)
   if not valid.any():
-    return {**result, "mAP": math.nan, "mINP": math.nan, "cmc": np.full(max_rank, np.nan)}
+    return _without_valid_queries(result, max_rank)
   big_n, n = kept[valid].astype(np.float64), positives[valid].astype(np.float64)
   harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, len(g_ids) + 1))])[kept[valid]]
   others = np.where(big_n > 1, (n - 1) / np.maximum(big_n - 1, 1), 0.0)
