@@ -92,3 +92,11 @@ def test_a_synthetic_folder_made_with_other_settings_is_refused(tmp_path):
     json.dump(record, f)
   with pytest.raises(ValueError, match=r"other settings .*Remove the folder"):
     prepare.prepare_dataset(config, log=lambda _: None)
+
+
+def test_the_ablation_refuses_unknown_or_no_losses_before_any_work(tmp_path):
+  from uad_jax.commands import ablation  # pylint: disable=g-import-not-at-top
+  for losses in (("base", "triplet"), ()):
+    with pytest.raises(ValueError, match="expected one or more of"):
+      ablation.run_ablation(_config(tmp_path), str(tmp_path / "a"), lambda _: None, losses)
+  assert not (tmp_path / "raw").exists() and not (tmp_path / "pretrained").exists()

@@ -68,8 +68,8 @@ def run_ablation(config, workdir: str, log=print, losses=tuple(loss for loss, _ 
   """Trains (or reads back) the variants of `losses` (all four by default); returns and writes
   the table."""
   unknown = set(losses) - {loss for loss, _ in VARIANTS}
-  if unknown:
-    raise ValueError(f"unknown ablation losses {sorted(unknown)}; expected some of "
+  if unknown or not losses:
+    raise ValueError(f"ablation losses {list(losses)}: expected one or more of "
                      f"{[loss for loss, _ in VARIANTS]}")
   config = pretrain.with_pretrained_backbone(config, log)
   rows, results = {}, None
