@@ -251,6 +251,29 @@ def test_two_steps_are_the_reference_sgd_updates_of_the_loss_gradient():
   assert int(state.step) == 2
 
 
+def test_grad_norm_leaves_out_the_frozen_bias_even_where_its_gradient_is_large():
+  """Torch never sees the frozen BNNeck bias's gradient, so neither the clip nor the finiteness
+  gate may count it. At initialisation the classifier is tiny and so is that gradient; with a
+  trained classifier's unit-scale weights it moves the norm by 1.6e-4, far above fp32 noise."""
+  config = _config(stochastic_depth=0.0)
+  state, run = _create(config)
+  params = traverse_util.unflatten_dict(
+      {k: (np.random.RandomState(0).randn(*v.shape).astype(np.float32)
+           if k == "classifier/kernel" else v) for k, v in _flat(state.params).items()}, sep="/")
+  state = state.replace(params=jax.device_put(params))
+  model = train_state.build_model(config, NUM_CLASSES).clone(bn_groups=1)
+  batch = _batch(2, 0)
+  grads = jax.grad(lambda p: _reference_objective(model, p, batch, state.prototypes, 2)[0])(
+      state.params)
+  grads = {k: np.asarray(v, np.float64) for k, v in _flat(grads).items()}
+  bias_sq = np.sum(grads["bnneck/bias"] ** 2)
+  trained_sq = sum(np.sum(g ** 2) for k, g in grads.items() if k != "bnneck/bias")
+  gap = np.sqrt(1 + bias_sq / trained_sq) - 1
+  _, metrics = run(state, batch)
+  assert gap > 1e-4                         # ≥ 10× the tolerance below: the norms differ
+  np.testing.assert_allclose(metrics["grad_norm"], np.sqrt(trained_sq), rtol=1e-5)
+
+
 def test_a_few_steps_on_a_fixed_batch_lower_the_loss():
   """Fitting one batch with the UAD loss at the recipe's learning rate."""
   config = _config(stochastic_depth=0.0)
