@@ -105,5 +105,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.missing_modality = "error"               # train ids lacking a modality: error | drop
   c.data_workers = 0                         # decode/augment worker processes per host
   c.data_threads = 2                         # decode/augment threads per process
+  c.max_nonfinite_steps = 5                  # consecutive skipped (non-finite) steps that stop
+  c.keep_checkpoints = 2                     # the last k checkpoints kept, and the best by mAP
+  c.log_every_steps = 10                     # step metrics to TensorBoard/metrics.jsonl every N
   c.lock()
   return c

@@ -13,6 +13,7 @@ OWNERS = {"grain": {"uad_jax.data.input_pipeline"},
           "tensorflow_datasets": {"uad_jax.data.input_pipeline"},
           "orbax": {"uad_jax.training.checkpointing"},
           "tqdm": {"uad_jax.console"},
+          "tensorboardX": {"uad_jax.training.metric_writers"},
           "torch": set(), "tensorflow": set()}
 
 

@@ -55,7 +55,8 @@ def test_the_result_is_named_by_every_setting_that_shapes_it(tmp_path):
                  {"optim__grad_clip_norm": 5.0}, {"pretrain__seed": 1}):
     assert changed(**fields) != base, fields
   for fields in ({"eval_batch_size": 7}, {"data_threads": 1}, {"dataset__data_dir": "x"},
-                 {"loss__name": "base"}, {"optim__lr_per_replica": 1.0}, {"seed": 3}):
+                 {"loss__name": "base"}, {"optim__lr_per_replica": 1.0}, {"seed": 3},
+                 {"keep_checkpoints": 5}, {"log_every_steps": 1}, {"max_nonfinite_steps": 1}):
     assert changed(**fields) == base, fields      # the UAD stage's settings, or where it runs
 
 
@@ -70,7 +71,7 @@ def test_a_made_backbone_is_reused_and_an_explicit_checkpoint_wins(tmp_path, mon
   assert pretrain.with_pretrained_backbone(config, logs.append).pretrained == path
   assert "made earlier" in logs[0]
   with config.unlocked():
-    config.pretrained = "imagenet.npz"
+    config.pretrained = os.path.join(os.path.dirname(__file__), "fixtures", "tiny_vit.npz")
   assert pretrain.with_pretrained_backbone(config, logs.append) is config
   with config.unlocked():
     config.pretrained, config.pretrain.synthetic_ids = "", 0

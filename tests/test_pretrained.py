@@ -6,6 +6,7 @@ random timm ViT in the three formats and the torch model's features, and a tiny 
 The full ViT-B/16 check runs where torch and timm are installed and is skipped elsewhere.
 """
 import os
+import re
 import sys
 import zipfile
 
@@ -100,6 +101,24 @@ def test_bad_paths_and_formats_fail_clearly(tmp_path):
   garbage.write_bytes(b"not a checkpoint")
   with pytest.raises(ValueError, match="x.pth is not a torch zip checkpoint"):
     pretrained.load_backbone(str(garbage), params, log=None)
+
+
+@pytest.mark.parametrize("suffix", pretrained.SUFFIXES)
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04 torn zip"])
+def test_a_file_that_cannot_be_parsed_is_named(tmp_path, suffix, content):
+  path = tmp_path / f"weights{suffix}"
+  path.write_bytes(content)
+  with pytest.raises(ValueError) as error:
+    pretrained.read_checkpoint(str(path))
+  assert str(path) in str(error.value)
+
+
+def test_an_npz_holding_one_array_is_named(tmp_path):
+  path = tmp_path / "single.npz"
+  with open(path, "wb") as f:
+    np.save(f, np.zeros(3))    # an .npy file under an .npz name
+  with pytest.raises(ValueError, match=re.escape(f"{path}: not a readable .npz")):
+    pretrained.read_checkpoint(str(path))
 
 
 def test_pth_needs_no_torch_and_runs_nothing_from_the_pickle(tmp_path, monkeypatch):

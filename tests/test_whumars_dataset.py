@@ -193,6 +193,39 @@ def test_bad_file_names_are_listed_with_their_count(tmp_path):
   assert "... and 3 more" in message
 
 
+def test_image_suffixes_are_read_in_any_case(tmp_path):
+  manual = _tiny_raw(tmp_path)
+  raw = manual / "WHU-MARS"
+  renamed = {}
+  for folder, suffix in (("train/RGB", ".JPG"), ("query/IR", ".jpeg"), ("test/Thermal", ".JPEG")):
+    path = sorted((raw / folder).glob("*.jpg"))[0]
+    renamed[f"{folder}/{path.stem}{suffix}"] = path.read_bytes()
+    path.rename(path.with_suffix(suffix))
+  build.build("whumars1000", manual, tmp_path / "data")
+  stored = {r["file_name"].decode(): r["image"]
+            for split in ("train", "query", "gallery")
+            for r in _read_all(tmp_path / "data", "whumars1000", split)}
+  assert len(stored) == len(list(raw.rglob("*.*")))
+  for rel_path, data in renamed.items():
+    assert stored[rel_path] == data
+
+
+def test_what_is_not_an_image_is_listed_with_its_count(tmp_path):
+  manual = _tiny_raw(tmp_path)
+  raw = manual / "WHU-MARS"
+  (raw / "train" / "RGB" / "notes.txt").write_text("not an image")
+  (raw / "test" / "IR" / "0001_c1_000001.png").write_bytes(b"png")
+  (raw / "query" / "Thermal" / "extra.jpg").mkdir()
+  (raw / "train" / "RGB" / ".DS_Store").write_bytes(b"")      # the copying system's: passed over
+  with pytest.raises(raw_layout.RawLayoutError, match=r"^3 item\(s\) .* image files") as error:
+    build.build("whumars1000", manual, tmp_path / "data")
+  message = str(error.value)
+  for rel_path in ("train/RGB/notes.txt", "test/IR/0001_c1_000001.png", "query/Thermal/extra.jpg"):
+    assert rel_path in message
+  assert ".DS_Store" not in message
+  _assert_not_prepared(tmp_path / "data", "whumars1000")
+
+
 def test_camera_without_a_viewpoint_is_an_error(tmp_path):
   manual = _tiny_raw(tmp_path)
   valid = next((manual / "WHU-MARS" / "train" / "RGB").glob("*.jpg")).read_bytes()
@@ -312,7 +345,18 @@ def test_killed_build_leaves_nothing_that_reads_as_prepared(tmp_path):
       [sys.executable, "-c", _KILL_MID_BUILD, *arguments],
       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
   assert result.returncode == -signal.SIGKILL, result.stderr
-  assert list(data.rglob("incomplete*"))  # the killed writer's leftovers ...
+  leftovers = list(data.rglob("incomplete*"))  # the killed writer's leftovers ...
+  assert [path.parent for path in leftovers] == [data / "whu_mars" / "whumars1000"]
   _assert_not_prepared(data, "whumars1000")  # ... do not read as a dataset
-  build.build("whumars1000", manual, data)  # and do not stop a later build
+  # Another version's and another config's are not this build's to remove.
+  others = [data / "whu_mars" / "whumars1000" / "incomplete.ABC123_0.9.0",
+            data / "whu_mars" / "whumars2337" / "incomplete.ABC123_1.0.0"]
+  for path in others:
+    path.mkdir(parents=True)
+  logs = []
+  build.build("whumars1000", manual, data, log=logs.append)  # a later build removes them
+  assert not any(path.exists() for path in leftovers)
+  assert all(path.exists() for path in others)
+  assert logs[0] == ("removed 1 folder(s) left by an interrupted build of "
+                     f"whu_mars/whumars1000/1.0.0: {leftovers[0]}")
   assert len(_read_all(data, "whumars1000", "query")) == 6

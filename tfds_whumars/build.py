@@ -5,12 +5,15 @@
 
 `tfds build` would import TensorFlow; this calls the same builder through TFDS's Python API. The
 dataset is written into a temporary folder renamed into place at the end, so an interrupted build
-never leaves anything that reads as a prepared dataset. An existing build is reused, not rebuilt.
+never leaves anything that reads as a prepared dataset; the folder a killed build leaves behind is
+removed by the next build. An existing build is reused, not rebuilt.
 """
 import argparse
 import contextlib
+import glob
 import io
 import os
+import shutil
 import sys
 import time
 
@@ -34,12 +37,32 @@ def build(config: str | whu_mars_dataset_builder.WhuMarsConfig, manual_dir, data
   builder = whu_mars_dataset_builder.Builder(
       config=config, data_dir=data_dir, skip_corrupt=skip_corrupt, num_workers=num_workers)
   # The check download_and_prepare makes (is_prepared() logs a warning when it fails).
-  if log and not os.path.exists(builder.data_dir):
-    log(f"building {builder.info.full_name} in {data_dir} (once; this can take a while)")
+  if not os.path.exists(builder.data_dir):
+    _remove_killed_builds(builder, log)
+    if log:
+      log(f"building {builder.info.full_name} in {data_dir} (once; this can take a while)")
   with _tfds_output(logging.level_info() if verbose is None else verbose):
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder
+
+
+def _remove_killed_builds(builder: tfds.core.DatasetBuilder, log) -> None:
+  """Removes the temporary folders that killed builds of this dataset version left.
+
+  TFDS builds in `incomplete.<6 random characters>_<version>` beside the version folder and
+  removes it when the build raises, but a killed process leaves it, full size, for good. Two
+  builds of one dataset into one data dir at once are not supported anyway: the second rename
+  onto the version folder would fail.
+  """
+  parent, version = os.path.split(os.path.normpath(os.fspath(builder.data_dir)))
+  pattern = os.path.join(glob.escape(parent), f"incomplete.??????_{glob.escape(version)}")
+  stale = sorted(path for path in glob.glob(pattern) if os.path.isdir(path))
+  for path in stale:
+    shutil.rmtree(path)
+  if stale:
+    (log or logging.warning)(f"removed {len(stale)} folder(s) left by an interrupted build of "
+                             f"{builder.info.full_name}: {', '.join(stale)}")
 
 
 @contextlib.contextmanager

@@ -6,7 +6,8 @@ and the synthetic generator (which writes it):
   <root>/WHU-MARS/ or <root>/WHU-MARS_2337/
     train/ query/ test/            (test/ is the gallery)
       RGB/ IR/ Thermal/            (RGB, near infrared, thermal infrared)
-        <id>_c<cam>_<anything>.jpg (id and 1-based camera from the regex (\\d+)_c(\\d+))
+        <id>_c<cam>_<anything>.jpg (id and 1-based camera from the regex (\\d+)_c(\\d+);
+                                    .jpg or .jpeg, in any case)
 
 This module does not import tfds, so the generator and tests can use it on their own.
 """
@@ -29,7 +30,8 @@ DEFAULT_CAMERA_VIEWPOINTS = ("ground",) * 5 + ("aerial",) * 2
 
 RAW_FOLDERS = {"whumars1000": "WHU-MARS", "whumars2337": "WHU-MARS_2337"}
 FILE_NAME_PATTERN = re.compile(r"(\d+)_c(\d+)")
-IMAGE_SUFFIX = ".jpg"
+# Image suffixes, compared in lower case: archives copied through Windows tools say .JPG.
+IMAGE_SUFFIXES = (".jpg", ".jpeg")
 # How many offending names an error message lists before it only counts the rest.
 MAX_LISTED = 10
 
@@ -55,7 +57,7 @@ def expected_layout(root: Path) -> str:
     note = "   (the gallery)" if split_folder == "test" else ""
     lines.append(f"  {split_folder}/{note}")
     for modality_folder in MODALITY_FOLDERS.values():
-      lines.append(f"    {modality_folder}/<id>_c<camera>_<frame>{IMAGE_SUFFIX}")
+      lines.append(f"    {modality_folder}/<id>_c<camera>_<frame>{IMAGE_SUFFIXES[0]}")
   return "\n".join(lines)
 
 
@@ -83,33 +85,45 @@ def _require_dir(path: Path, root: Path, what: str) -> None:
 def scan(root: Path) -> dict[str, list[RawImage]]:
   """Lists every image of the archive at `root`, per split, sorted by path.
 
-  Raises RawLayoutError naming the missing folder (with the expected layout), or listing the
-  first file names that do not match `<id>_c<cam>` with their total count.
+  Hidden files (.DS_Store, macOS's ._* forks) are passed over: they are the copying system's, not
+  the archive's. Raises RawLayoutError naming the missing folder (with the expected layout), or
+  listing the first entries that are not images and the first file names that do not match
+  `<id>_c<cam>`, each with their total count.
   """
   root = Path(root)
   _require_dir(root, root, "WHU-MARS raw")
   images = {}
-  bad_names = []
+  not_images, bad_names = [], []
   for split, split_folder in SPLIT_FOLDERS.items():
     _require_dir(root / split_folder, root, f"split '{split}'")
     images[split] = []
     for modality, modality_folder in MODALITY_FOLDERS.items():
       folder = root / split_folder / modality_folder
       _require_dir(folder, root, f"modality '{modality}' of split '{split}'")
-      for path in sorted(folder.glob(f"*{IMAGE_SUFFIX}")):
+      for path in sorted(p for p in folder.iterdir() if not p.name.startswith(".")):
         rel_path = f"{split_folder}/{modality_folder}/{path.name}"
+        if not (path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()):
+          not_images.append(rel_path)
+          continue
         parsed = parse_file_name(path.name)
         if parsed is None:
           bad_names.append(rel_path)
           continue
         images[split].append(RawImage(rel_path, split, modality, *parsed))
+  problems = []
+  if not_images:
+    problems.append(
+        f"{len(not_images)} item(s) under {root} are not {'/'.join(IMAGE_SUFFIXES)} image files "
+        f"(suffixes in any case):\n{format_listing(not_images)}")
   if bad_names:
-    raise RawLayoutError(
+    problems.append(
         f"{len(bad_names)} file name(s) under {root} do not match '<id>_c<camera>' (regex "
         f"{FILE_NAME_PATTERN.pattern}, camera >= 1):\n{format_listing(bad_names)}")
+  if problems:
+    raise RawLayoutError("\n".join(problems))
   for split, split_images in images.items():
     if not split_images:
       raise RawLayoutError(
-          f"Split '{split}' has no {IMAGE_SUFFIX} files under {root / SPLIT_FOLDERS[split]}\n"
-          f"Expected layout:\n{expected_layout(root)}")
+          f"Split '{split}' has no {'/'.join(IMAGE_SUFFIXES)} files under "
+          f"{root / SPLIT_FOLDERS[split]}\nExpected layout:\n{expected_layout(root)}")
   return images

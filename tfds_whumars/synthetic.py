@@ -60,6 +60,9 @@ DIFFICULTIES = {
     "demo": Options(night_fraction=0.0, lookalike_fraction=0.0, spectral_coupling=0.8),
 }
 
+# Fewest and most identities of a set: one train and one test identity, 4-digit raw ids.
+ID_RANGE = (2, 9999)
+
 
 def options_for(difficulty: str, **overrides) -> Options:
   """The Options of a named difficulty, with fields replaced by `overrides`."""
@@ -71,8 +74,9 @@ def options_for(difficulty: str, **overrides) -> Options:
 
 def _identity_split(num_ids: int, seed: int, options: Options) -> tuple[list[int], list[int]]:
   """Raw ids 1..num_ids shuffled into train and test, so train ids are not contiguous."""
-  if not 2 <= num_ids <= 9999:
-    raise ValueError(f"num_ids must be in 2..9999 (4-digit ids), got {num_ids}")
+  if not ID_RANGE[0] <= num_ids <= ID_RANGE[1]:
+    raise ValueError(f"num_ids must be in {ID_RANGE[0]}..{ID_RANGE[1]} (4-digit ids), got "
+                     f"{num_ids}")
   ids = np.random.default_rng([seed, 0]).permutation(np.arange(1, num_ids + 1))
   num_train = min(num_ids - 1, max(1, int(round(num_ids * options.train_fraction))))
   return sorted(ids[:num_train].tolist()), sorted(ids[num_train:].tolist())

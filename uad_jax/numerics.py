@@ -1,4 +1,5 @@
-"""fp32 promotion and torch-style L2 normalisation, shared by the losses and the evaluator."""
+"""fp32 promotion, torch-style L2 normalisation and a finiteness check, shared by the losses,
+the evaluator and the loop."""
 import jax
 import jax.numpy as jnp
 
@@ -16,3 +17,10 @@ def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
   x = at_least_f32(x)
   norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
   return x / jnp.maximum(norm, NORMALIZE_EPS)
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  """Whether every entry of every array in `tree` is finite; one reduction on the devices, so a
+  sharded state is never gathered to check it."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))

@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DATA, MODEL = "data", "model"
+MESH_AXES = (DATA, MODEL)  # the mesh axes the code knows; DATA is the one the batch splits over
 # Logical names of the prototype memory [identities, dim]: sharded like the classifier's columns.
 PROTOTYPE_AXES = ("classes", "embed")
 

@@ -21,7 +21,7 @@ from uad_jax import sharding
 from uad_jax.data import input_pipeline
 from uad_jax import console
 from uad_jax.evaluation import baselines, inference, report
-from uad_jax.training import history, loop, pretrain, train_state
+from uad_jax.training import config_checks, history, loop, pretrain, train_state
 
 VARIANTS = (("base", "Base (CE + WRT)"), ("base+proca", "+ ProCA"), ("base+gpd", "+ GPD"),
             ("uad", "UAD (+ ProCA + GPD)"))
@@ -71,6 +71,7 @@ def run_ablation(config, workdir: str, log=print, losses=tuple(loss for loss, _ 
   if unknown or not losses:
     raise ValueError(f"ablation losses {list(losses)}: expected one or more of "
                      f"{[loss for loss, _ in VARIANTS]}")
+  config_checks.check(config)
   config = pretrain.with_pretrained_backbone(config, log)
   rows, results = {}, None
   for loss, label in (v for v in VARIANTS if v[0] in losses):
@@ -109,7 +110,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   console.quiet_libraries_unless_asked()
-  run_ablation(_CONFIG.value, _WORKDIR.value, losses=tuple(_LOSSES.value))
+  try:
+    run_ablation(_CONFIG.value, _WORKDIR.value, losses=tuple(_LOSSES.value))
+  except config_checks.ConfigError as e:  # the flags' fault: absl shows the usage, no traceback
+    raise app.UsageError(str(e)) from e
 
 
 if __name__ == "__main__":

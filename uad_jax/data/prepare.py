@@ -10,7 +10,17 @@ import dataclasses
 import json
 import os
 
+from tfds_whumars import raw_layout  # the layout alone: no tfds, no generator
+
 SYNTHETIC_RECORD = "synthetic.json"
+DATASET_NAME = "whu_mars"                        # the TFDS builder prepare_dataset builds
+DATASET_CONFIGS = tuple(raw_layout.RAW_FOLDERS)  # its builder configs, one per raw folder
+
+
+def synthetic_choices() -> tuple[tuple[str, ...], tuple[int, int]]:
+  """The generator's named difficulties and its (fewest, most) identities."""
+  from tfds_whumars import synthetic  # pylint: disable=g-import-not-at-top
+  return tuple(synthetic.DIFFICULTIES), synthetic.ID_RANGE
 
 
 def _synthetic_tag(dataset_config, seed: int) -> str:

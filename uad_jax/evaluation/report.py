@@ -57,12 +57,17 @@ def _baseline_rows(results: dict) -> list:
   return rows
 
 
+def as_reid(results: dict) -> dict:
+  """The headline cell: any-scenario queries against the whole gallery."""
+  return results["protocols"]["as_reid"][f"all{ARROW}all"]
+
+
 def format_headline(results: dict) -> str:
   """AS-ReID mAP / R1 / mINP (%), beside the same numbers for chance and raw pixels if known."""
   def three(m):
     return "/".join(_percent(v).strip() for v in (m["mAP"], m["cmc"][0], m["mINP"]))
 
-  line = f"AS-ReID mAP/R1/mINP {three(results['protocols']['as_reid'][f'all{ARROW}all'])} %"
+  line = f"AS-ReID mAP/R1/mINP {three(as_reid(results))} %"
   rows = _baseline_rows(results)
   if rows:
     line += " (" + ", ".join(f"{name} {three(m)}" for name, m in rows) + ")"

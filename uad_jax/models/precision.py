@@ -12,6 +12,9 @@ import jax
 import jax.numpy as jnp
 
 _F32 = jnp.float32
+# What config.model.dtype may name. float16 would also run, but its narrow range needs loss
+# scaling, which the train step does not do.
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def _dot(a, b, contract, batch=((), ())):

@@ -28,15 +28,19 @@ import dataclasses
 import math
 import os
 import re
+import zipfile
 
 import numpy as np
 from flax import traverse_util
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
 
 from uad_jax.models import torch_pickle
 
 _GOOGLE_BLOCK = re.compile(r"^Transformer/encoderblock_(\d+)/(.+)$")
 _TIMM_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+SUFFIXES = (".npz", ".safetensors") + _TORCH_SUFFIXES  # what read_checkpoint reads
 # TransReID's PatchEmbed_ICS.conv is an nn.Sequential: index → our stem module (2, 5, 8: ReLUs).
 _ICS_STEM = re.compile(r"^patch_embed\.conv\.(\d+)\.(?:(IN|BN)\.)?(\w+)$")
 # The light conv stem: stage i (0-based) is our stem/conv{i+1} and stem/bn{i+1}.
@@ -219,19 +223,26 @@ def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], str]:
   """Reads a checkpoint file into {name: array}; returns it and the naming ('google'/'timm')."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
+  # The libraries' own errors do not say which file they could not parse.
   if path.endswith(".npz"):
-    with np.load(path) as f:
-      return {k: f[k] for k in f.files}, "google"
+    try:
+      with np.load(path) as f:  # allow_pickle stays off: arrays only, nothing runs
+        return {k: f[k] for k in f.files}, "google"
+    except (ValueError, OSError, EOFError, TypeError, zipfile.BadZipFile) as e:
+      raise ValueError(f"{path}: not a readable .npz archive of arrays "
+                       f"({type(e).__name__}: {e})") from e
   if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    return load_file(path), "timm"
+    try:
+      return load_file(path), "timm"
+    except SafetensorError as e:
+      raise ValueError(f"{path}: not a readable .safetensors file ({e})") from e
   if path.endswith(_TORCH_SUFFIXES):
     state = _unwrap(torch_pickle.load(path))
     if not isinstance(state, dict):
       raise ValueError(f"{path}: expected a state dict of tensors, found {type(state).__name__}")
     return {k: v.astype(np.float32) for k, v in state.items() if isinstance(v, np.ndarray)}, "timm"
-  raise ValueError(f"unknown checkpoint format for {path}: expected .npz (Google ViT), "
-                   f".safetensors or .pth/.pt/.bin (timm state dict)")
+  raise ValueError(f"unknown checkpoint format for {path}: expected one of {SUFFIXES} (.npz: "
+                   f"Google ViT; the others: a timm state dict)")
 
 
 def convert(arrays: dict[str, np.ndarray], naming: str) -> tuple[dict[str, np.ndarray], list]:

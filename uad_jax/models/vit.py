@@ -54,6 +54,19 @@ def parse_variant(variant: str) -> ViTShape:
   return ViTShape(*VARIANTS[name], patch=int(patch))
 
 
+def input_problem(patch: int, stem: str, image_size) -> str | None:
+  """Why a ViT of ``patch``-pixel patches with ``stem`` cannot take (H, W) ``image_size`` images,
+  or None. Every stem ends on the same token grid, so both sides must be multiples of the patch."""
+  if stem == "ics" and patch % conv_stem.STRIDE:
+    return f"the ICS stem halves the image, so the patch size ({patch}) must be even"
+  if stem == "conv" and patch & (patch - 1):
+    return (f"the conv stem downsamples by 2 per stage, so the patch size ({patch}) must be a "
+            "power of 2")
+  if any(side % patch for side in image_size):
+    return f"the image size {tuple(image_size)} is not a multiple of the patch size {patch}"
+  return None
+
+
 def _kernel_init(axes):
   return nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), axes)
 
@@ -176,12 +189,12 @@ class ViT(nn.Module):
       raise ValueError(f"images are {h}×{w}, the model was built for {self.image_size}")
     if self.stem not in STEMS:
       raise ValueError(f"unknown ViT stem {self.stem!r}; expected one of {STEMS}")
+    problem = input_problem(p, self.stem, (h, w))
+    if problem:
+      raise ValueError(f"ViT {self.variant!r} with the {self.stem} stem: {problem}")
     gh, gw = h // p, w // p
     x = images
     if self.stem == "ics":
-      if p % conv_stem.STRIDE:
-        raise ValueError(f"the ICS stem halves the image, so the patch size of {self.variant!r} "
-                         "must be even")
       x = conv_stem.ICSStem(self.stem_width or shape.stem_width, self.bn_groups, self.dtype,
                             name="stem")(images, train)
       p //= conv_stem.STRIDE

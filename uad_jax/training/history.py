@@ -33,6 +33,15 @@ def save(workdir: str, history: list[dict]) -> None:
   report.write_atomically(os.path.join(workdir, HISTORY_FILE), lambda f: f.write(text))
 
 
+def epoch_means(steps: list[dict]) -> dict:
+  """The epoch's means of the step metrics over its finite steps (skipped ones changed nothing
+  and their losses are non-finite), and how many steps it skipped."""
+  kept = [m for m in steps if not m["nonfinite"]]
+  means = {k: (sum(m[k] for m in kept) / len(kept) if kept else float("nan"))
+           for k in steps[0] if k != "nonfinite"}
+  return {**means, "skipped_steps": len(steps) - len(kept)}
+
+
 def evaluations(workdir: str, history: list[dict]) -> dict[int, dict]:
   """{epoch: report} of the evaluations completed so far for the epochs of `history`."""
   found = {}

@@ -22,7 +22,7 @@ import jax
 
 from uad_jax.data import prepare
 from uad_jax.models import backbone_export
-from uad_jax.training import loop
+from uad_jax.training import config_checks, loop
 
 BACKBONE_FILE = "backbone.safetensors"
 
@@ -50,7 +50,8 @@ def pretrain_config(config):
 
 # Settings that change where or how fast the pretraining runs, not what it learns.
 _NOT_IN_TAG = {"dataset": ("manual_dir", "data_dir"), "pretrain": ("dir",)}
-_NOT_IN_TAG_TOP = ("eval_batch_size", "data_workers", "data_threads", "mesh", "sharding_rules")
+_NOT_IN_TAG_TOP = ("eval_batch_size", "data_workers", "data_threads", "mesh", "sharding_rules",
+                   "max_nonfinite_steps", "keep_checkpoints", "log_every_steps")
 
 
 def run_dir(config) -> str:
@@ -73,7 +74,9 @@ def run_dir(config) -> str:
 
 def with_pretrained_backbone(config, log=print):
   """``config`` itself, or, when it asks for the pretraining stage, a copy whose ``pretrained`` is
-  the stage's backbone checkpoint (trained now unless an earlier run left it)."""
+  the stage's backbone checkpoint (trained now unless an earlier run left it). Raises
+  config_checks.ConfigError, before any work, when a field of ``config`` is bad."""
+  config_checks.check(config)
   if config.pretrain.synthetic_ids <= 0 or config.pretrained:
     return config
   workdir = run_dir(config)

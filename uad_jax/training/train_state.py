@@ -86,10 +86,12 @@ def _init_variables(model, rng):
 
 
 def create_train_state(config, num_classes: int, steps_per_epoch, mesh,
-                       rng: jax.Array | None = None, log=print):
+                       rng: jax.Array | None = None, log=print, abstract_only: bool = False):
   """Returns ``(state, state_shardings)`` with every array already in its shards.
 
   ``steps_per_epoch``: one count, or one per epoch (the sampler plans each epoch's length).
+  ``abstract_only``: the state's shapes, dtypes and shardings only (a checkpoint's restore
+  target), nothing initialised.
   """
   if num_classes < 1:
     raise ValueError(f"num_classes must be ≥ 1, got {num_classes}")
@@ -127,6 +129,9 @@ def create_train_state(config, num_classes: int, steps_per_epoch, mesh,
                                               rules),
       rng=repl)
   _check_divisible(abstract, shardings, config)
+  if abstract_only:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract, shardings), shardings
   state = jax.jit(init, out_shardings=shardings)(rng)
   if config.pretrained:
     state = _load_pretrained(config.pretrained, model, state, shardings, log)

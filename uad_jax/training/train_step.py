@@ -68,14 +68,17 @@ def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
   trained_grads = jax.tree.map(lambda g, l: g if l != optim.FROZEN else jnp.zeros_like(g),
                                grads, labels_tree)
   grad_norm = optax.global_norm(trained_grads)
-  # A non-finite step changes nothing (not even the step counter); the metrics flag it. The
-  # gate is applied inside each update, never as a select between two whole states, so a
-  # 10^6-identity classifier, its momentum and the memory are not held twice.
+  # A non-finite step changes nothing but the step counter; the metrics flag it. The counter
+  # still advances because it is the data position and the epoch of the epoch-stepped schedule:
+  # a skipped step is one batch consumed, as when torch's GradScaler skips an update, so the
+  # checkpoint's step, the iterator and the learning rate never drift apart. The gate is applied
+  # inside each update, never as a select between two whole states, so a 10^6-identity
+  # classifier, its momentum and the memory are not held twice.
   finite = jnp.isfinite(terms["total"]) & jnp.isfinite(grad_norm)
   keep_old_unless_finite = lambda new, old: jnp.where(finite, new, old)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(
-      step=state.step + finite.astype(state.step.dtype),
+      step=state.step + 1,
       params=jax.tree.map(lambda p, u: p + jnp.where(finite, u, 0).astype(p.dtype),
                           state.params, updates),
       batch_stats=jax.tree.map(keep_old_unless_finite, batch_stats, state.batch_stats),

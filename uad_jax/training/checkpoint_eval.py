@@ -1,0 +1,61 @@
+"""``--mode=eval``: every evaluation protocol for one checkpoint of a run's workdir.
+
+The checkpoint is chosen as ``latest``, ``best`` (by AS-ReID mAP among the evaluated ones) or a
+step number; its reports (the same table, JSON and figures as in training) go to
+``workdir/eval_stepNNNNNN/``. The run's own config is what trained it, so the workdir's recorded
+config must agree with the given one on every field that shapes the model (``training.workdir``).
+"""
+import os
+
+from uad_jax import console
+from uad_jax.evaluation import inference
+from uad_jax.training import checkpointing, config_checks, loop, train_state
+from uad_jax.training import workdir as workdirs
+
+CHOICES = ("latest", "best")
+
+
+def report_dir(workdir: str, step: int) -> str:
+  return os.path.join(workdir, f"eval_step{step:06d}")
+
+
+def choose_step(checkpoints: checkpointing.Checkpointer, which: str) -> int:
+  """The step named by `which`: latest, best or a number among the checkpoints kept."""
+  steps = checkpoints.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}")
+  if which == "latest":
+    return max(steps)
+  if which == "best":
+    best = checkpoints.best_step()
+    if best is None:
+      raise ValueError(f"no checkpoint in {checkpoints.directory} has been evaluated yet, so "
+                       "none is best; use --checkpoint=latest or a step")
+    return best
+  if not which.isdigit() or int(which) not in steps:
+    raise ValueError(f"--checkpoint={which!r}: expected latest, best or one of the steps "
+                     f"kept in {checkpoints.directory}: {sorted(steps)}")
+  return int(which)
+
+
+def evaluate_checkpoint(config, workdir: str, which: str = "latest", log=print) -> dict:
+  """Restores checkpoint `which` of `workdir`, evaluates it and writes its reports."""
+  config_checks.check(config)
+  bars = console.bars_enabled(log)
+  log = console.for_this_process(log)
+  checkpoints = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                           keep=config.keep_checkpoints)
+  try:
+    step = choose_step(checkpoints, which)
+    workdirs.record_config(workdir, config, resuming=True)
+    plan, num_classes, mesh = loop.prepared_plan(config, log)
+    target, _ = train_state.create_train_state(config, num_classes, plan.steps_per_epoch, mesh,
+                                               abstract_only=True)
+    state = checkpoints.restore(target, step).state
+  finally:
+    checkpoints.close()
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  out_dir = report_dir(workdir, step)
+  results = inference.evaluate_model(state.model, variables, config, mesh, out_dir,
+                                     f"step {step}", log, progress=bars)
+  return results
