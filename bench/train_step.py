@@ -1,7 +1,7 @@
 """UAD train-step throughput, and what GPD and the classifier cost as the identity count grows.
 
   python bench/train_step.py [--variant B/16] [--identities 4 --instances 4 --replicas 1]
-                             [--mesh 1,1] [--dtype bfloat16] [--steps 3] [--sweep]
+                             [--mesh 1,1] [--fsdp] [--dtype bfloat16] [--steps 3] [--sweep]
 
 Prints images/s and achieved FLOP/s for our jitted step; where torch and timm are installed, a
 PyTorch step in the same run (timm ViT of the same shape, BNNeck, classifier, CE + WRT + ProCA +
@@ -46,7 +46,7 @@ def flops_per_image(variant, image_size, num_classes):
 
 
 def make_config(args, num_classes):
-  c = uad.get_config(f"whumars2337,loss={args.loss}")
+  c = uad.get_config(f"whumars2337,loss={args.loss},fsdp={args.fsdp}")
   with c.unlocked():
     c.model.variant = args.variant
     c.model.dtype = args.dtype
@@ -149,6 +149,7 @@ def main():
   parser.add_argument("--instances", type=int, default=4, help="K")
   parser.add_argument("--replicas", type=int, default=1, help="R replica groups per step")
   parser.add_argument("--mesh", default="1,1", help="data,model mesh sizes")
+  parser.add_argument("--fsdp", action="store_true", help="parameters sharded over data too")
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--loss", default="uad")
   parser.add_argument("--num-classes", type=int, default=2337)

@@ -31,3 +31,22 @@ def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
     else:
       result[key] = type(default)(value)
   return result
+
+
+def replaced(config: ml_collections.ConfigDict, fields: dict) -> ml_collections.ConfigDict:
+  """A locked copy of `config` with {"loss.name": "base", …} set (dotted paths; lists, as JSON
+  gives them, become the tuples the config holds)."""
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    for dotted, value in fields.items():
+      *parents, name = dotted.split(".")
+      node = c
+      for parent in parents:
+        node = node[parent]
+      node[name] = _tuples(value)
+  c.lock()
+  return c
+
+
+def _tuples(value):
+  return tuple(map(_tuples, value)) if isinstance(value, (list, tuple)) else value

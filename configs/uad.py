@@ -38,7 +38,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dataset.synthetic_ids = 0 if reference else 100  # >0: generate a synthetic set of this many ids
   c.dataset.synthetic_difficulty = "demo"    # default | demo (tfds_whumars.synthetic.DIFFICULTIES)
   c.dataset.synthetic_train_fraction = 0.5   # of the synthetic ids for training; the rest are test
-  c.num_classes = 0                          # training identities; 0 = read from the dataset
+  # Identity-count scaling studies (python -m uad_jax.commands.scaling).
+  c.dataset.synthetic_test_ids = 0           # >0: ids 1..N test, the same people whatever
+                                             # synthetic_ids; the other ids train (no fraction)
+  c.dataset.synthetic_train_frames = 0       # >0: mean frames per (train id, camera), not 2
+  c.dataset.train_identities = 0             # 0: all; N: a seeded subset of N train ids, nested
+                                             # in every larger one, relabelled 0..N-1
+  # Width of the classifier and the prototype memory; 0 = the identities trained on. A larger
+  # value only adds classes that never get data (padding, e.g. to shard evenly over "model").
+  c.num_classes = 0
 
   c.sampler = ml_collections.ConfigDict()
   c.sampler.identities = 16 if reference else 4   # P: identities per replica group

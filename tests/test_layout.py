@@ -7,8 +7,9 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "uad_jax"
 # Lowest first; a module may import its own layer and those before it.
-LAYERS = ("uad_jax.sharding|uad_jax.numerics|uad_jax.console", "uad_jax.data", "uad_jax.models",
-          "uad_jax.evaluation", "uad_jax.training", "uad_jax.commands")
+LAYERS = ("uad_jax.sharding|uad_jax.numerics|uad_jax.console|uad_jax.distributed",
+          "uad_jax.data", "uad_jax.models", "uad_jax.evaluation", "uad_jax.training",
+          "uad_jax.commands")
 OWNERS = {"grain": {"uad_jax.data.input_pipeline"},
           "tensorflow_datasets": {"uad_jax.data.input_pipeline"},
           "orbax": {"uad_jax.training.checkpointing"},

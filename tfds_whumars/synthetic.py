@@ -1,13 +1,18 @@
 """Synthetic WHU-MARS: a raw folder with the released layout and learnable, non-trivial people.
 
   python -m tfds_whumars.synthetic --out DIR --ids N --seed S [--root_name WHU-MARS_2337] \
-      [--difficulty demo]
+      [--difficulty demo] [--test_ids T]
 
 writes DIR/WHU-MARS/{train,query,test}/{RGB,IR,Thermal}/<id:04d>_c<cam>_<frame:06d>.jpg. Like
 ReID datasets, about half the identities are for training and the others for testing (disjoint);
 per test identity and modality a few images go to query/, the rest to test/ (the gallery). Every
 identity is seen by a random subset of the cameras (at least one ground camera and one UAV) and
 every frame is a synchronised RGB/NIR/TIR triplet. The same seed gives the same bytes.
+
+For identity-count scaling studies, `Options.test_ids` = T fixes the test people instead: raw ids
+1..T are the test identities and T+1..N train, and since everything a person's images depend on
+is drawn from generators seeded by the set's seed and that person's id, the query/ and test/
+folders of two sets with the same seed and T are the same bytes whatever their N.
 """
 import argparse
 import dataclasses
@@ -39,6 +44,9 @@ class Options:
   spectral_coupling: float = 0.0  # 0: NIR/heat independent of colour; 1: they follow luminance
   jpeg_quality: int = 90
   camera_viewpoints: tuple[str, ...] = raw_layout.DEFAULT_CAMERA_VIEWPOINTS
+  # Scaling studies (module docstring). 0 keeps the plain sets above, made before these existed.
+  test_ids: int = 0  # >0: raw ids 1..test_ids test, the others train; train_fraction unused
+  train_frames_per_camera: int = 0  # >0: frames_per_camera of train identities (a cheaper set)
 
 
 @dataclasses.dataclass
@@ -60,8 +68,9 @@ DIFFICULTIES = {
     "demo": Options(night_fraction=0.0, lookalike_fraction=0.0, spectral_coupling=0.8),
 }
 
-# Fewest and most identities of a set: one train and one test identity, 4-digit raw ids.
-ID_RANGE = (2, 9999)
+# Fewest and most identities of a set: one train and one test identity; the released sets have
+# 4-digit raw ids, a scaling study may need 5 (the file-name pattern takes any number of digits).
+ID_RANGE = (2, 99999)
 
 
 def options_for(difficulty: str, **overrides) -> Options:
@@ -72,13 +81,26 @@ def options_for(difficulty: str, **overrides) -> Options:
   return dataclasses.replace(DIFFICULTIES[difficulty], **overrides)
 
 
+def num_train_ids(num_ids: int, options: Options) -> int:
+  """How many of a set's `num_ids` identities are for training."""
+  if options.test_ids:
+    if not 1 <= options.test_ids < num_ids:
+      raise ValueError(f"test_ids must be in 1..num_ids-1 (at least one train identity), got "
+                       f"test_ids={options.test_ids} of num_ids={num_ids}")
+    return num_ids - options.test_ids
+  return min(num_ids - 1, max(1, int(round(num_ids * options.train_fraction))))
+
+
 def _identity_split(num_ids: int, seed: int, options: Options) -> tuple[list[int], list[int]]:
-  """Raw ids 1..num_ids shuffled into train and test, so train ids are not contiguous."""
+  """Raw ids 1..num_ids shuffled into train and test, so train ids are not contiguous; with
+  options.test_ids, 1..test_ids test and the rest train, so the test ids do not depend on
+  num_ids."""
   if not ID_RANGE[0] <= num_ids <= ID_RANGE[1]:
-    raise ValueError(f"num_ids must be in {ID_RANGE[0]}..{ID_RANGE[1]} (4-digit ids), got "
-                     f"{num_ids}")
+    raise ValueError(f"num_ids must be in {ID_RANGE[0]}..{ID_RANGE[1]}, got {num_ids}")
+  num_train = num_train_ids(num_ids, options)
+  if options.test_ids:
+    return list(range(options.test_ids + 1, num_ids + 1)), list(range(1, options.test_ids + 1))
   ids = np.random.default_rng([seed, 0]).permutation(np.arange(1, num_ids + 1))
-  num_train = min(num_ids - 1, max(1, int(round(num_ids * options.train_fraction))))
   return sorted(ids[:num_train].tolist()), sorted(ids[num_train:].tolist())
 
 
@@ -87,8 +109,11 @@ def _appearances(train_ids, test_ids, seed, options):
   appearances = {pid: synthetic_people.sample_appearance(np.random.default_rng([seed, 1, pid]),
                                                         options.spectral_coupling)
                  for pid in train_ids + test_ids}
-  rng = np.random.default_rng([seed, 2])
-  for ids in (train_ids, test_ids):
+  shared = np.random.default_rng([seed, 2])
+  for split, ids in enumerate((train_ids, test_ids)):
+    # A fixed test set pairs its look-alikes with a generator of its own: a shared one would have
+    # been advanced by the train split's draws, which depend on its size.
+    rng = np.random.default_rng([seed, 2, split]) if options.test_ids else shared
     num_pairs = int(round(len(ids) * options.lookalike_fraction / 2))
     pairs = rng.permutation(ids)[:2 * num_pairs].reshape(-1, 2)
     for original, copy in pairs.tolist():
@@ -120,9 +145,11 @@ def plan(num_ids: int, seed: int, options: Options = Options()):
   for pid in train_ids + test_ids:
     pid_rng = np.random.default_rng([seed, 6, pid])
     split = "train" if pid in train_set else "gallery"
+    frames_per_camera = (options.train_frames_per_camera if split == "train" else 0
+                         ) or options.frames_per_camera
     pid_captures = []
     for camera in _cameras_of(pid, seed, options):
-      num_frames = pid_rng.integers(1, 2 * options.frames_per_camera)
+      num_frames = pid_rng.integers(1, 2 * frames_per_camera)
       for frame in sorted(pid_rng.choice(1_000_000, size=num_frames, replace=False).tolist()):
         split_of_modality = {m: split for m in raw_layout.MODALITIES if missing.get(pid) != m}
         pid_captures.append(_Capture(pid, camera, frame, split_of_modality))
@@ -194,7 +221,8 @@ def count_by_split_and_modality(images: list[raw_layout.RawImage]) -> dict[tuple
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", required=True, help="folder to create the raw root in")
-  parser.add_argument("--ids", type=int, required=True, help="number of identities (2..9999)")
+  parser.add_argument("--ids", type=int, required=True,
+                      help=f"number of identities ({ID_RANGE[0]}..{ID_RANGE[1]})")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--root_name", "--root-name", default="WHU-MARS",
                       choices=sorted(raw_layout.RAW_FOLDERS.values()))
@@ -204,9 +232,13 @@ def main(argv=None) -> None:
   parser.add_argument("--frames_per_camera", "--frames-per-camera", type=int)
   parser.add_argument("--crop_scale", "--crop-scale", type=float)
   parser.add_argument("--train_ids_missing_modality", "--train-ids-missing-modality", type=int)
+  parser.add_argument("--test_ids", "--test-ids", type=int,
+                      help="fixed test identities 1..T, the same people whatever --ids")
+  parser.add_argument("--train_frames_per_camera", "--train-frames-per-camera", type=int)
   args = parser.parse_args(argv)
   overrides = {k: getattr(args, k) for k in ("frames_per_camera", "crop_scale",
-                                             "train_ids_missing_modality")
+                                             "train_ids_missing_modality", "test_ids",
+                                             "train_frames_per_camera")
                if getattr(args, k) is not None}
   options = options_for(args.difficulty, **overrides)
   start = time.perf_counter()

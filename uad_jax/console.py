@@ -45,3 +45,11 @@ def quiet_libraries_unless_asked() -> None:
   """
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+
+
+def quiet_other_processes() -> None:
+  """Processes other than 0 log warnings and errors only, whatever ``--verbosity`` says: a pod's
+  hosts would repeat process 0's lines. Call it once ``jax.distributed`` is initialised (it asks
+  JAX for the process index, which starts the backend)."""
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)

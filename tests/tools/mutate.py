@@ -410,7 +410,8 @@ MUTATIONS = [
                   "dw = _dot(xl, gl, (lead, lead)).astype(dtype)",
                   "weight cotangent returned in the compute dtype"),
     ),
-    *_module("uad_jax/training/loop.py", ["tests/test_train_loop.py"],
+    *_module("uad_jax/training/loop.py", ["tests/test_train_loop.py",
+                                          "tests/test_run_resilience.py"],
         _mutation("train.camera_rule_ignored", "camera_rule=config.camera_rule)",
                   'camera_rule="sysu")',
                   "evaluation ignores config.camera_rule",
@@ -424,7 +425,8 @@ MUTATIONS = [
                              'if h["epoch"] < completed_epochs]')]),
         _mutation("train.data_state_not_restored", "train_iter.set_state(data_state)",
                   "del data_state",
-                  "a resumed run restarts the data stream from the beginning"),
+                  "a resumed run restarts the data stream from the beginning",
+                  variants=[("train_iter.set_state(restored.data_state)", "pass")]),
         _mutation("train.final_eval_dropped",
                   "epoch % config.eval_every_epochs == 0 or epoch == config.optim.epochs",
                   "epoch % config.eval_every_epochs == 0",
@@ -615,7 +617,8 @@ def main(argv=None) -> int:
                       help="git revision to test (copied with git archive); default: the working "
                            "tree, tracked and untracked-not-ignored files")
   parser.add_argument("--only", default=None,
-                      help="run only the mutations whose id or file contains this substring")
+                      help="run only the mutations whose id or file contains one of these "
+                           "comma-separated substrings")
   parser.add_argument("--list", action="store_true", help="list the mutations and exit")
   parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                       help="seconds per mutation; a timeout counts as caught, labelled so")
@@ -623,7 +626,8 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   mutations = [m for m in MUTATIONS
-               if args.only is None or args.only in m.id or args.only in m.file]
+               if args.only is None
+               or any(part in m.id or part in m.file for part in args.only.split(","))]
   if not mutations:
     sys.exit(f"no mutation matches --only {args.only!r}")
   if args.list:

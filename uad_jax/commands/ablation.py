@@ -17,11 +17,10 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
-from uad_jax import sharding
-from uad_jax.data import input_pipeline
+from configs import common
 from uad_jax import console
-from uad_jax.evaluation import baselines, inference, report
-from uad_jax.training import config_checks, history, loop, pretrain, train_state
+from uad_jax.evaluation import baselines, report
+from uad_jax.training import checkpoint_eval, config_checks, history, loop, pretrain
 
 VARIANTS = (("base", "Base (CE + WRT)"), ("base+proca", "+ ProCA"), ("base+gpd", "+ GPD"),
             ("uad", "UAD (+ ProCA + GPD)"))
@@ -41,28 +40,6 @@ def _row(metrics: dict) -> dict:
           "mINP": metrics["mINP"]}
 
 
-def _with_loss(config, loss: str):
-  c = config.copy_and_resolve_references()
-  with c.unlocked():
-    c.loss.name = loss
-  c.lock()
-  return c
-
-
-def evaluate_initial_backbone(config, workdir: str, log) -> dict:
-  """AS-ReID of the state every variant starts from (pretrained backbone, untrained head)."""
-  out_dir = os.path.join(workdir, "initial_backbone")
-  if report.report_complete(out_dir):
-    return report.read_json(out_dir)
-  plan = input_pipeline.train_plan_from_config(config, missing_modality=config.missing_modality)
-  mesh = sharding.make_mesh(config.mesh)
-  state, _ = train_state.create_train_state(config, config.num_classes or plan.num_classes,
-                                            plan.steps_per_epoch, mesh, log=None)
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  return inference.evaluate_model(state.model, variables, config, mesh, out_dir,
-                                  "starting backbone, before the UAD stage", log)
-
-
 def run_ablation(config, workdir: str, log=print, losses=tuple(loss for loss, _ in VARIANTS)
                  ) -> dict:
   """Trains (or reads back) the variants of `losses` (all four by default); returns and writes
@@ -77,10 +54,11 @@ def run_ablation(config, workdir: str, log=print, losses=tuple(loss for loss, _ 
   for loss, label in (v for v in VARIANTS if v[0] in losses):
     run_dir = os.path.join(workdir, loss.replace("+", "_"))
     log(f"ablation: {label} in {run_dir}")
-    loop.train_and_evaluate(_with_loss(config, loss), run_dir, log)
+    loop.train_and_evaluate(common.replaced(config, {"loss.name": loss}), run_dir, log)
     results = report.read_json(history.report_dir(run_dir, config.optim.epochs))
     rows[label] = _row(results["protocols"]["as_reid"]["all→all"])
-  start = evaluate_initial_backbone(config, workdir, log)
+  start = checkpoint_eval.evaluate_initial_state(
+      config, os.path.join(workdir, "initial_backbone"), log)
   reference = {"starting backbone (no UAD stage)": _row(start["protocols"]["as_reid"]["all→all"]),
                "chance": _row(results["baselines"]["chance"]),
                baselines.PIXELS_LABEL: _row(results["baselines"]["raw_pixels"])}

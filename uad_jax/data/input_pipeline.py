@@ -13,7 +13,9 @@ its epoch), so the stream is the same whatever the thread, worker and process co
 iterator's state (`get_state` / `set_state`, JSON-serialisable) is its position in the stream: a
 restored iterator yields exactly what the original would have, across epoch boundaries too. The
 state's form depends on `num_workers` (Grain keeps one position per worker), so restore it into a
-pipeline built with the same settings.
+pipeline built with the same settings. A plan of some of the split's identities
+(`config.dataset.train_identities`, `data.identities`) makes the stream read only their records,
+relabelled 0..N−1.
 
 Multi-host: the global batch of a step (R·M·P·K rows, group-major) is split into process_count
 equal contiguous row slices; process i loads rows [i·n, (i+1)·n), n = R·M·P·K / process_count, so
@@ -39,6 +41,7 @@ import grain
 import numpy as np
 
 from uad_jax.data import augment
+from uad_jax.data import identities
 from uad_jax.data import prepare
 from uad_jax.data import sampler as sampler_lib
 
@@ -78,7 +81,10 @@ class TrainPlan:
   num_classes: int  # train identities C (labels 0..C−1), including any the sampler dropped
   steps_per_epoch: tuple[int, ...]  # optimizer steps of epochs 0 … num_epochs−1 (varies a little)
   sampler: sampler_lib.PMKSampler
-  metadata: SplitMetadata  # of the train split, per record
+  metadata: SplitMetadata  # per record the sampler plans (labels as training sees them)
+  # The split's record of each of those, when they are a subset of it (config.dataset.
+  # train_identities); None: all of the split's records, in order.
+  source_records: np.ndarray | None = None
 
   @property
   def total_steps(self) -> int:
@@ -95,6 +101,27 @@ def open_split(name: str, split: str, data_dir: str):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   return tfds.data_source(name, split=split, data_dir=data_dir, download=False,
                           decoders={IMAGE: tfds.decode.SkipDecoding()})
+
+
+class _Records:
+  """Some records of a split, in a given order, with their labels replaced: a train split as a
+  subset of its identities sees it (`TrainPlan.source_records`)."""
+
+  def __init__(self, source, records: np.ndarray, labels: np.ndarray):
+    self._source, self._records, self._labels = source, records, labels
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def _relabelled(self, index: int, record) -> dict[str, Any]:
+    return {**record, LABEL: self._labels[index]}
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self._relabelled(index, self._source[int(self._records[index])])
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    records = _read_records(self._source, [int(self._records[i]) for i in indices])
+    return [self._relabelled(i, record) for i, record in zip(indices, records)]
 
 
 def _read_records(source, indices: Sequence[int]) -> list[dict[str, Any]]:
@@ -269,6 +296,8 @@ def make_train_dataset(source, plan: TrainPlan, *, image_size=augment.DEFAULT_IM
   (`iterator.close()`) when done with them.
   """
   augment.check_image_size(image_size)
+  if plan.source_records is not None:
+    source = _Records(source, plan.source_records, plan.metadata.labels)
   local_rows = process_rows(plan.sampler.shape.step_rows, process_index, process_count,
                             "the global batch R·M·P·K")
   per_image = grain.MapDataset.range(plan.total_steps * local_rows).map(
@@ -326,14 +355,32 @@ def make_eval_dataset(source, batch_size: int, *, image_size=augment.DEFAULT_IMA
   return _parallel(per_image, local_rows, num_workers, num_threads, prefetch_images)
 
 
+def subset_identities(metadata: SplitMetadata, count: int, seed: int
+                      ) -> tuple[SplitMetadata, np.ndarray | None]:
+  """(metadata, split record of each row) of the train records of `count` identities
+  (`identities.choose`), relabelled 0..count−1; `metadata` itself and None for count 0."""
+  if not count:
+    return metadata, None
+  chosen = identities.choose(metadata.person_ids, count, seed)
+  records, labels = identities.relabel(metadata.person_ids, chosen)
+  return SplitMetadata(labels=labels, person_ids=metadata.person_ids[records],
+                       cameras=metadata.cameras[records],
+                       modalities=metadata.modalities[records],
+                       viewpoints=metadata.viewpoints[records]), records
+
+
 def train_plan_from_config(config, *, missing_modality: str = "error") -> TrainPlan:
-  """`plan_training` for the train split of the prepared dataset that `config` names."""
+  """`plan_training` for the train split of the prepared dataset that `config` names, or for
+  the subset of its identities that `config.dataset.train_identities` asks for."""
   source = open_split_from_config(config, "train")
   shape = sampler_lib.BatchShape(
       identities=config.sampler.identities, instances=config.sampler.instances,
       modalities=config.sampler.modalities, replicas=config.num_replicas)
-  return plan_training(read_metadata(source), shape, seed=config.seed,
-                       num_epochs=config.optim.epochs, missing_modality=missing_modality)
+  metadata, records = subset_identities(read_metadata(source), config.dataset.train_identities,
+                                        config.seed)
+  plan = plan_training(metadata, shape, seed=config.seed, num_epochs=config.optim.epochs,
+                       missing_modality=missing_modality)
+  return dataclasses.replace(plan, source_records=records)
 
 
 def train_dataset_from_config(config, plan: TrainPlan, **kwargs) -> grain.IterDataset:

@@ -1,7 +1,11 @@
 """Features and metrics of a model on the eval splits: what training, evaluation of a checkpoint
 and the retrieval tools share. Every process feeds its slice of each batch; features and metadata
 come back whole to every process. The same pass pools the images for the raw-pixel baseline
-(`baselines`), so an evaluation reads and decodes each image once."""
+(`baselines`), so an evaluation reads and decodes each image once.
+
+In a multi-process run the metrics are shared work too: `metrics.evaluate` deals each cell's
+queries to the processes and gathers their values, so every process holds the whole result and
+process 0 alone logs it and writes the report."""
 import functools
 import time
 from typing import NamedTuple
@@ -78,10 +82,12 @@ def evaluate_model(model, variables, config, mesh, out_dir: str | None, label: s
   Logs a headline (AS-ReID mAP / R1 / mINP beside chance and raw pixels, `label` first, e.g.
   "epoch 10") and where the report went; process 0 writes the report (table, JSON, figures) to
   `out_dir`. Without `out_dir` the table is logged instead. `progress`: draw a bar over the
-  feature extraction (default: `console.bars_enabled(log)`).
+  feature extraction (default: `console.bars_enabled(log)`). Every process of a multi-process
+  run calls it (the features and the metrics are computed by all of them); only process 0 logs.
   """
   if progress is None:
     progress = console.bars_enabled(log)
+  log = console.for_this_process(log)
   sources = [input_pipeline.open_split_from_config(config, split) for split in ("query", "gallery")]
   start = time.perf_counter()
   with console.progress(sum(map(len, sources)), f"{label}: features", enabled=progress) as bar:

@@ -16,6 +16,10 @@ cost is the distance product plus about 0.05-0.1 ns per (distance, positive) on 
 Queries are sorted by their number of positives and dealt round-robin to the devices of a 1-D mesh
 (balanced shards, and chunks of similar queries, which skip the positive blocks none of them
 uses); the gallery is replicated. Per-query values come back to the host for the final means.
+
+In a multi-process run the queries are first dealt the same way to the processes: each computes
+its share on its own devices, and the per-query values are gathered (`process_allgather`), so
+every process gets every query's values and the same means as a single process would.
 """
 import functools
 import math
@@ -71,8 +75,10 @@ def evaluate(query_feats, gallery_feats, query_ids, gallery_ids, query_cams, gal
       k nearest gallery items (before camera removal) are retrieved, AP still divides by all kept
       positives, and a query whose hardest positive is not retrieved has INP 0. Truncated metrics
       are ≤ the exact ones; the result says "truncated_top_k".
-    devices: devices to shard the queries over (default: `jax.local_devices()`, which is
-      `jax.devices()` in a single-process run).
+    devices: devices to shard the queries over. Default: every process's own devices; in a
+      multi-process run each process computes its share of the queries and the values are
+      gathered, so every process must call `evaluate` with the same arguments. Given devices
+      (`jax.local_devices()`, say) keep the whole evaluation in this process.
     chunk_size: queries per device step; default: as many as `memory_budget_bytes` allows.
     memory_budget_bytes: per-device working memory for one chunk.
 
@@ -91,7 +97,7 @@ def evaluate(query_feats, gallery_feats, query_ids, gallery_ids, query_cams, gal
   if not valid.any():
     return _without_valid_queries(result, max_rank)
 
-  ap, inp, first_rank = (x[valid] for x in _per_query_metrics(
+  ap, inp, first_rank = (x[valid] for x in _per_query_metrics_of_job(
       query_feats, gallery_feats, q_ids, q_cams, g_ids, g_cams, pos_idx, num_pos,
       camera_rule=camera_rule, normalize=bool(normalize), top_k=top_k, devices=devices,
       chunk_size=chunk_size, memory_budget_bytes=memory_budget_bytes))
@@ -191,12 +197,50 @@ def _expected_inp(kept: np.ndarray, positives: np.ndarray) -> np.ndarray:
     expected[rows] = np.exp(running[kept[rows] - n] - log_binomial(kept[rows], n))
   return expected
 
+
+def _per_query_metrics_of_job(query_feats, gallery_feats, q_ids, q_cams, g_ids, g_cams, pos_idx,
+                              num_pos, *, devices, **options):
+  """(AP, INP, first-hit rank) of every query, in query order: in one process on `devices`, or
+  each process's share on its own devices and gathered."""
+  processes = jax.process_count()
+  if devices is not None or processes == 1:
+    return _per_query_metrics(query_feats, gallery_feats, q_ids, q_cams, g_ids, g_cams, pos_idx,
+                              num_pos, devices=devices or jax.local_devices(), **options)
+  dtypes = (np.float32, np.float32, np.int32)
+  shares = _deal_to_processes(num_pos, processes)
+  mine = shares[jax.process_index()]
+  if len(mine):
+    local = _per_query_metrics(query_feats[mine], gallery_feats, q_ids[mine], q_cams[mine],
+                               g_ids, g_cams, pos_idx[mine], num_pos[mine],
+                               devices=jax.local_devices(), **options)
+  else:  # fewer queries than processes
+    local = [np.empty(0, dtype) for dtype in dtypes]
+  # One int32 array per process, the fp32 values by their bits: a single exact gather per call,
+  # its width bucketed so that the cells of a protocol matrix share a few compilations.
+  packed = np.zeros((3, _bucketed(len(shares[0]), 8)), np.int32)
+  for row, (values, dtype) in enumerate(zip(local, dtypes)):
+    packed[row, :len(mine)] = np.asarray(values, dtype).view(np.int32)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  gathered = np.asarray(multihost_utils.process_allgather(packed))   # [processes, 3, width]
+  per_query = [np.empty(len(num_pos), dtype) for dtype in dtypes]
+  for process, share in enumerate(shares):
+    for row, values in enumerate(per_query):
+      values[share] = gathered[process, row, :len(share)].view(values.dtype)
+  return per_query
+
+
+def _deal_to_processes(num_pos: np.ndarray, processes: int) -> list[np.ndarray]:
+  """Each process's queries (indices, ascending): sorted by their number of positives and dealt
+  round-robin, as `_deal_queries` deals to devices, so the processes' shares cost alike."""
+  order = np.argsort(-num_pos, kind="stable")
+  return [np.sort(order[p::processes]) for p in range(processes)]
+
+
 def _per_query_metrics(query_feats, gallery_feats, q_ids, q_cams, g_ids, g_cams, pos_idx, num_pos,
                        *, camera_rule, normalize, top_k, devices, chunk_size, memory_budget_bytes):
-  """(AP, INP, first-hit rank) of every query, in query order, computed on the devices."""
-  # This process's devices: every process of a multi-host run holds all features and gets all
-  # results, and a result spanning other hosts' devices could not be fetched.
-  devices = list(devices or jax.local_devices())
+  """(AP, INP, first-hit rank) of every query, in query order, computed on `devices` (this
+  process's: a result spanning other hosts' devices could not be fetched)."""
+  devices = list(devices)
   mesh = jax.make_mesh((len(devices),), (_QUERY_AXIS,), devices=devices)
   num_devices = mesh.devices.size
   gallery_size = _bucketed(len(gallery_feats), _FOLD)

@@ -7,8 +7,9 @@ config must agree with the given one on every field that shapes the model (``tra
 """
 import os
 
-from uad_jax import console
-from uad_jax.evaluation import inference
+from uad_jax import console, sharding
+from uad_jax.data import input_pipeline
+from uad_jax.evaluation import inference, report
 from uad_jax.training import checkpointing, config_checks, loop, train_state
 from uad_jax.training import workdir as workdirs
 
@@ -59,3 +60,18 @@ def evaluate_checkpoint(config, workdir: str, which: str = "latest", log=print) 
   results = inference.evaluate_model(state.model, variables, config, mesh, out_dir,
                                      f"step {step}", log, progress=bars)
   return results
+
+
+def evaluate_initial_state(config, out_dir: str, log=print) -> dict:
+  """AS-ReID of the state a run of `config` starts from (its pretrained backbone, an untrained
+  head): what the ablation's and the scaling sweep's runs must improve on. Read back when its
+  report exists."""
+  if report.report_complete(out_dir):
+    return report.read_json(out_dir)
+  plan = input_pipeline.train_plan_from_config(config, missing_modality=config.missing_modality)
+  mesh = sharding.make_mesh(config.mesh)
+  state, _ = train_state.create_train_state(config, config.num_classes or plan.num_classes,
+                                            plan.steps_per_epoch, mesh, log=None)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  return inference.evaluate_model(state.model, variables, config, mesh, out_dir,
+                                  "starting backbone, before the UAD stage", log)

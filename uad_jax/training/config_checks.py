@@ -40,11 +40,11 @@ class _Problems:
   """The bad fields found so far in one config, read by dotted path."""
 
   def __init__(self, config):
-    self._config = config
+    self.config = config
     self.lines = []
 
   def value(self, path: str):
-    node = self._config
+    node = self.config
     for key in path.split("."):
       try:
         node = node[key]
@@ -113,6 +113,33 @@ def _check_synthetic_ids(p: _Problems, path: str) -> None:
     p.add(path, value, f"0 (none) or an integer in [{fewest}, {most}]")
 
 
+def _check_scaling_fields(p: _Problems) -> None:
+  """The synthetic set's fixed test ids leave some to train, and a subset of the training
+  identities fits the synthetic set; a real split's count is checked when it is prepared."""
+  ids = p.value("dataset.synthetic_ids")
+  ids_ok = _is_int(ids) and ids > 0
+  test_ids = p.value("dataset.synthetic_test_ids")
+  test_ok = _is_int(test_ids) and (test_ids == 0 or (ids_ok and 1 <= test_ids < ids) or
+                                   (not ids_ok and test_ids >= 1))
+  if not test_ok:
+    most = f"config.dataset.synthetic_ids - 1 = {ids - 1}" if ids_ok else "synthetic_ids - 1"
+    p.add("dataset.synthetic_test_ids", test_ids, f"0 (the train fraction splits) or an "
+                                                  f"integer in [1, {most}]")
+  p.number("dataset.synthetic_train_frames", 0, integer=True)
+  count = p.value("dataset.train_identities")
+  if not p.number("dataset.train_identities", 0, integer=True) or not count:
+    return
+  fraction = p.value("dataset.synthetic_train_fraction")
+  if (ids_ok and test_ok and ids <= prepare.synthetic_choices()[1][1] and
+      isinstance(fraction, numbers.Real) and 0 < fraction < 1 and
+      p.value("dataset.synthetic_difficulty") in prepare.synthetic_choices()[0]):
+    available = prepare.synthetic_train_ids(p.config)
+    if count > available:
+      p.add("dataset.train_identities", count,
+            f"0 (all) or at most the {available} training identities of the synthetic set "
+            f"(config.dataset.synthetic_ids, .synthetic_test_ids, .synthetic_train_fraction)")
+
+
 def _check_data(p: _Problems) -> None:
   p.one_of("dataset.name", (prepare.DATASET_NAME,))
   p.one_of("dataset.config", prepare.DATASET_CONFIGS)
@@ -121,6 +148,7 @@ def _check_data(p: _Problems) -> None:
   _check_synthetic_ids(p, "dataset.synthetic_ids")
   p.one_of("dataset.synthetic_difficulty", prepare.synthetic_choices()[0])
   p.number("dataset.synthetic_train_fraction", 0, 1, low_open=True, high_open=True)
+  _check_scaling_fields(p)
   p.number("num_classes", 0, integer=True)
   p.number("sampler.identities", 1, integer=True)
   p.number("sampler.instances", 1, integer=True)

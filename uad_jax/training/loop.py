@@ -10,6 +10,7 @@ Positions: ``state.step`` counts every step taken, skipped ones included; it nam
 and fixes the data position and the epoch, so a resumed run replays nothing and skips nothing.
 """
 import dataclasses
+import math
 import os
 import time
 
@@ -113,7 +114,21 @@ class _Run:
 
 def prepared_plan(config, log):
   """The dataset built (by process 0), its training plan, the identity count and the mesh, with
-  every check that needs them made before any compilation."""
+  every check that needs them made before any compilation (the mesh's before any data)."""
+  mesh = sharding.make_mesh(config.mesh)
+  data_parts = mesh.shape[sharding.DATA]
+  step_rows = math.prod((config.num_replicas, config.sampler.modalities,
+                         config.sampler.identities, config.sampler.instances))
+  for what, rows in (("the global batch R·M·P·K", step_rows),
+                     ("config.eval_batch_size", config.eval_batch_size)):
+    if rows % data_parts:
+      raise ValueError(f"{what} = {rows} is not divisible by the {data_parts} devices of the "
+                       f"data axis (config.mesh={tuple(config.mesh)})")
+    # Each process loads its own rows of every batch; the mesh must put those rows on its devices.
+    try:
+      sharding.check_process_batches(mesh, rows, what)
+    except ValueError as e:
+      raise config_checks.ConfigError(f"config.mesh={tuple(config.mesh)}: {e}") from None
   if jax.process_index() == 0:
     prepare.prepare_dataset(config, log)
   if jax.process_count() > 1:  # the other hosts read what process 0 built
@@ -121,17 +136,11 @@ def prepared_plan(config, log):
     multihost_utils.sync_global_devices("whu_mars prepared")
   plan = input_pipeline.train_plan_from_config(config,
                                                missing_modality=config.missing_modality)
+  assert plan.sampler.shape.step_rows == step_rows, "the sampler's batch is not R·M·P·K"
   num_classes = config.num_classes or plan.num_classes
   if num_classes < plan.num_classes:
     raise ValueError(f"config.num_classes={config.num_classes} but the train split has "
                      f"{plan.num_classes} identities")
-  mesh = sharding.make_mesh(config.mesh)
-  data_parts = mesh.shape[sharding.DATA]
-  for what, rows in (("the global batch R·M·P·K", plan.sampler.shape.step_rows),
-                     ("config.eval_batch_size", config.eval_batch_size)):
-    if rows % data_parts:
-      raise ValueError(f"{what} = {rows} is not divisible by the {data_parts} devices of the "
-                       f"data axis (config.mesh={tuple(config.mesh)})")
   return plan, num_classes, mesh
 
 

@@ -35,6 +35,9 @@ def pretrain_config(config):
     c.seed = p.seed
     c.dataset.synthetic_ids = p.synthetic_ids
     c.dataset.synthetic_train_fraction = p.train_fraction
+    # The stage's own set, whole, whatever the UAD stage's scaling-study settings.
+    c.dataset.synthetic_test_ids = c.dataset.synthetic_train_frames = 0
+    c.dataset.train_identities = 0
     c.num_classes = 0
     c.sampler.identities, c.sampler.instances, c.num_replicas = p.identities, 1, 1
     c.loss.name, c.loss.label_smoothing = "ce", p.label_smoothing
@@ -48,8 +51,11 @@ def pretrain_config(config):
   return c
 
 
-# Settings that change where or how fast the pretraining runs, not what it learns.
-_NOT_IN_TAG = {"dataset": ("manual_dir", "data_dir"), "pretrain": ("dir",)}
+# Fixed by pretrain_config, so they name nothing; left out, the tags made before they existed
+# stay valid.
+_FIXED = ("synthetic_test_ids", "synthetic_train_frames", "train_identities")
+# Settings that change where or how fast the pretraining runs, not what it learns (and _FIXED).
+_NOT_IN_TAG = {"dataset": ("manual_dir", "data_dir") + _FIXED, "pretrain": ("dir",)}
 _NOT_IN_TAG_TOP = ("eval_batch_size", "data_workers", "data_threads", "mesh", "sharding_rules",
                    "max_nonfinite_steps", "keep_checkpoints", "log_every_steps")
 

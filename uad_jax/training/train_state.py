@@ -3,7 +3,8 @@
 Shapes come before arrays: the state's abstract shapes give its shardings (from the logical axis
 rules), and a jitted init with those ``out_shardings`` writes every array straight into its shards,
 so nothing full-size is materialised on one device (the 10^6-identity classifier and memory
-included).
+included). The random draws are fused into those writes (``fused_threefry``), so creating the
+state needs almost no memory beyond the state itself.
 """
 import dataclasses
 from typing import Any, Callable
@@ -19,7 +20,7 @@ from jax.sharding import PartitionSpec
 
 from uad_jax import sharding
 from uad_jax.models import pretrained, reid_model
-from uad_jax.training import optim
+from uad_jax.training import fused_threefry, optim
 
 # The terms each loss adds up: the paper's ablation rows, and "ce" for generic pretraining.
 LOSS_TERMS = {"ce": ("ce",), "base": ("ce", "wrt"), "base+proca": ("ce", "wrt", "proca"),
@@ -93,18 +94,39 @@ def create_train_state(config, num_classes: int, steps_per_epoch, mesh,
   ``abstract_only``: the state's shapes, dtypes and shardings only (a checkpoint's restore
   target), nothing initialised.
   """
+  init, abstract, shardings = _plan(config, num_classes, steps_per_epoch, mesh)
+  if abstract_only:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract, shardings), shardings
+  rng = jax.random.key(config.seed) if rng is None else rng
+  state = jax.jit(init, out_shardings=shardings)(rng)
+  if config.pretrained:
+    state = _load_pretrained(config.pretrained, abstract.model, state, shardings, log)
+  return state, shardings
+
+
+def compiled_init(config, num_classes: int, steps_per_epoch, mesh) -> jax.stages.Compiled:
+  """The state's initialisation as ``create_train_state`` runs it, compiled, not run: its
+  ``memory_analysis()`` is what creating the state costs per device."""
+  init, _, shardings = _plan(config, num_classes, steps_per_epoch, mesh)
+  return jax.jit(init, out_shardings=shardings).lower(jax.random.key(config.seed)).compile()
+
+
+def _plan(config, num_classes, steps_per_epoch, mesh):
+  """The state's init function (of a key), its abstract value and its shardings."""
   if num_classes < 1:
     raise ValueError(f"num_classes must be ≥ 1, got {num_classes}")
   model = build_model(config, num_classes)
-  rng = jax.random.key(config.seed) if rng is None else rng
-  boxed = jax.eval_shape(lambda r: _init_variables(model, r), rng)
+  boxed = jax.eval_shape(lambda r: _init_variables(model, r), jax.random.key(0))
   abstract_params = nn.unbox(boxed["params"])
   tx = optim.make_optimizer(config.optim, abstract_params, config.num_replicas, steps_per_epoch)
   width = abstract_params["classifier"]["kernel"].shape[0]
   static = step_config(config, steps_per_epoch)
 
   def init(rng):
-    variables = _init_variables(model, rng)
+    # The same draws as with ``rng`` itself, fused into the writes of each shard: on CPU JAX's
+    # threefry otherwise holds three uint32 copies of every draw in scratch (fused_threefry).
+    variables = _init_variables(model, fused_threefry.fused(rng))
     params = nn.unbox(variables["params"])
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
@@ -112,7 +134,7 @@ def create_train_state(config, num_classes: int, steps_per_epoch, mesh,
         prototypes=jnp.zeros((num_classes, width), jnp.float32),
         rng=jax.random.fold_in(rng, 1), model=model, tx=tx, step_config=static)
 
-  abstract = jax.eval_shape(init, rng)
+  abstract = jax.eval_shape(init, jax.random.key(0))
   rules = config.sharding_rules
   repl = sharding.replicated(mesh)
   param_shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed["params"]), mesh,
@@ -129,13 +151,7 @@ def create_train_state(config, num_classes: int, steps_per_epoch, mesh,
                                               rules),
       rng=repl)
   _check_divisible(abstract, shardings, config)
-  if abstract_only:
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        abstract, shardings), shardings
-  state = jax.jit(init, out_shardings=shardings)(rng)
-  if config.pretrained:
-    state = _load_pretrained(config.pretrained, model, state, shardings, log)
-  return state, shardings
+  return init, abstract, shardings
 
 
 def _check_divisible(abstract, shardings, config):
