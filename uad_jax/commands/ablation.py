@@ -15,9 +15,9 @@ import os
 from absl import app
 from absl import flags
 import jax
-from ml_collections import config_flags
 
 from configs import common
+from uad_jax.commands import common_flags
 from uad_jax import console
 from uad_jax.evaluation import baselines, report
 from uad_jax.training import checkpoint_eval, config_checks, history, loop, pretrain
@@ -26,10 +26,6 @@ VARIANTS = (("base", "Base (CE + WRT)"), ("base+proca", "+ ProCA"), ("base+gpd",
             ("uad", "UAD (+ ProCA + GPD)"))
 COLUMNS = ("mAP", "R1", "R5", "R10", "mINP")
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/uad.py:synthetic",
-                                          "Config file and its argument.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/ablation",
-                               "One subfolder per loss variant, and the table.")
 _LOSSES = flags.DEFINE_list("losses", [loss for loss, _ in VARIANTS],
                             "The loss variants to train, of base, base+proca, base+gpd, uad.")
 
@@ -46,7 +42,7 @@ def run_ablation(config, workdir: str, log=print, losses=tuple(loss for loss, _ 
   the table."""
   unknown = set(losses) - {loss for loss, _ in VARIANTS}
   if unknown or not losses:
-    raise ValueError(f"ablation losses {list(losses)}: expected one or more of "
+    raise config_checks.ConfigError(f"ablation losses {list(losses)}: expected one or more of "
                      f"{[loss for loss, _ in VARIANTS]}")
   config_checks.check(config)
   config = pretrain.with_pretrained_backbone(config, log)
@@ -89,7 +85,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   console.quiet_libraries_unless_asked()
   try:
-    run_ablation(_CONFIG.value, _WORKDIR.value, losses=tuple(_LOSSES.value))
+    run_ablation(common_flags.CONFIG.value, common_flags.workdir("workdir/ablation"),
+                 losses=tuple(_LOSSES.value))
   except config_checks.ConfigError as e:  # the flags' fault: absl shows the usage, no traceback
     raise app.UsageError(str(e)) from e
 

@@ -28,9 +28,9 @@ import time
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from configs import common
+from uad_jax.commands import common_flags
 from uad_jax import console
 from uad_jax.commands import scaling_report
 from uad_jax.data import prepare
@@ -38,10 +38,6 @@ from uad_jax.training import (checkpoint_eval, config_checks, loop, pretrain,
                               stop_requests)
 from uad_jax.training import workdir as workdirs
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/uad.py:synthetic",
-                                          "Config file and its argument.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/scaling",
-                               "One subfolder ids_N per count, and the table and figure.")
 _IDENTITIES = flags.DEFINE_list("identities", ["100", "300", "1000"],
                                 "Training identity counts, one run each.")
 _COLLECT_ONLY = flags.DEFINE_bool("collect_only", False,
@@ -177,15 +173,16 @@ def main(argv):
     counts = parse_identities(_IDENTITIES.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
+  workdir = common_flags.workdir("workdir/scaling")
   try:
     if _POINT.value == 0:
-      prepare_point(_CONFIG.value, _WORKDIR.value, counts)
+      prepare_point(common_flags.CONFIG.value, workdir, counts)
     elif _POINT.value > 0:
-      run_point(_CONFIG.value, _WORKDIR.value, counts, _POINT.value)
+      run_point(common_flags.CONFIG.value, workdir, counts, _POINT.value)
     else:
       forwarded = [arg for arg in sys.argv[1:]
                    if not arg.startswith(("--point", "--collect_only", "--nocollect_only"))]
-      run_sweep(_CONFIG.value, _WORKDIR.value, counts, forwarded,
+      run_sweep(common_flags.CONFIG.value, workdir, counts, forwarded,
                 collect_only=_COLLECT_ONLY.value)
   except config_checks.ConfigError as e:  # the flags' fault: absl shows the usage, no traceback
     raise app.UsageError(str(e)) from e

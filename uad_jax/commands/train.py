@@ -28,17 +28,13 @@ import sys
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
+from uad_jax.commands import common_flags
 from uad_jax import console, distributed
 from uad_jax.training import (checkpoint_eval, config_checks, loop, pretrain,
                               stop_requests)
 from uad_jax.training import workdir as workdirs
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/uad.py:synthetic",
-                                          "Config file and its argument.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/synthetic",
-                               "Checkpoints, evaluation reports and logs go here.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
                           "train: train (or resume) and evaluate; eval: evaluate one checkpoint "
                           "of --workdir and write its reports to eval_stepNNNNNN/.")
@@ -66,15 +62,17 @@ def main(argv):
   _join_other_processes()  # before anything starts a JAX backend
   console.quiet_other_processes()
   try:
-    config_checks.check(_CONFIG.value)
+    config_checks.check(common_flags.CONFIG.value)
   except config_checks.ConfigError as e:  # the flags' fault: absl shows the usage, no traceback
     raise app.UsageError(str(e)) from e
+  workdir = common_flags.workdir("workdir/synthetic")
   try:
     if _MODE.value == "eval":
-      checkpoint_eval.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
+      checkpoint_eval.evaluate_checkpoint(common_flags.CONFIG.value, workdir, _CHECKPOINT.value)
     else:
-      config = pretrain.with_pretrained_backbone(_CONFIG.value, console.for_this_process(print))
-      loop.train_and_evaluate(config, _WORKDIR.value)
+      config = pretrain.with_pretrained_backbone(common_flags.CONFIG.value,
+                                                 console.for_this_process(print))
+      loop.train_and_evaluate(config, workdir)
   except stop_requests.StopRequested as stop:  # the loop has said where it stopped
     sys.exit(stop.exit_status)
   except (workdirs.WorkdirBusy, workdirs.ConfigChanged, loop.NonFiniteTraining,
