@@ -89,7 +89,8 @@ def test_kills_and_sigterm_at_every_point_then_reruns_end_as_an_unbroken_run(dat
   for name, want in _reports(tmp_path / "unbroken").items():
     got = _reports(chain)[name]
     assert got["protocols"] == want["protocols"], name
-  hist = [json.loads((w / "train_history.json").read_text()) for w in (tmp_path / "unbroken", chain)]
+  hist = [json.loads((w / "train_history.json").read_text())
+          for w in (tmp_path / "unbroken", chain)]
   assert hist[1] == hist[0]
   assert hist[0][0]["skipped_steps"] == 1 and np.isfinite(hist[0][0]["loss/total"])
   lines = [json.loads(l) for l in (chain / "metrics.jsonl").read_text().splitlines()]

@@ -1,4 +1,5 @@
-"""Joining a multi-process job: ``jax.distributed.initialize`` when this is one of several processes.
+"""Joining a multi-process job: ``jax.distributed.initialize`` when this is one of several
+processes.
 
 A TPU pod slice runs one process per host, a multi-GPU cluster one per host or per GPU. Each
 process must call `jax.distributed.initialize` before anything touches a JAX backend (a

@@ -183,7 +183,7 @@ MUTATIONS = [
                   "the GPD slot of the total adds the ProCA term again"),
         _mutation("train_step.skipped_step_not_counted",
                   "step=state.step + 1", "step=state.step + finite.astype(state.step.dtype)",
-                  "a skipped step is not counted: the schedule and checkpoints drift from the data"),
+                  "a skipped step is not counted: schedule and checkpoints drift from the data"),
         _mutation("train_step.memory_unprotected", "enabled=finite),", "enabled=True),",
                   "prototype memory updated on a skipped step"),
         _mutation("train_step.dropout_rng_never_split",
