@@ -95,8 +95,9 @@ class _Run:
     if not bool(numerics.all_finite(state.params)):
       raise NonFiniteTraining(f"step {step}: the parameters hold non-finite values and are not "
                               f"saved. {self._last_good()} Lower config.optim.lr_per_replica.")
-    extra = {"epoch_steps": epoch_steps, "nonfinite_run": self.nonfinite_run} if epoch_steps \
-        else {"nonfinite_run": self.nonfinite_run}
+    extra = {"nonfinite_run": self.nonfinite_run}
+    if epoch_steps:  # a stop mid-epoch: the resumed epoch's means need its steps so far
+      extra["epoch_steps"] = epoch_steps
     self.checkpoints.save(step, state, train_iter.get_state(), extra)
 
   def evaluate(self, state, epoch: int, step: int) -> None:
