@@ -25,27 +25,14 @@ import importlib.util
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
 
+import machine  # bench/machine.py: this folder is the script's sys.path[0]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2**30
-
-
-def peak_rss_bytes():
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def cpu_model():
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown (no lscpu)"
-  names = [line.split(":", 1)[1].strip() for line in out.splitlines()
-           if line.startswith("Model name")]
-  return f"{names[0] if names else 'unknown'}, {os.cpu_count()} CPUs visible"
 
 
 def _bench_train_step():
@@ -88,7 +75,7 @@ def measure_jax(args, variant, num_classes):
   abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
                     for k, v in batch.items()}
   r["batch"] = len(batch["labels"])
-  baseline = peak_rss_bytes()
+  baseline = machine.peak_rss_bytes()
   predicted_state = baseline + n_dev * (r["state_per_device"] + r["init_temp_per_device"])
   run = not args.compile_only and predicted_state <= args.budget_gib * GIB
   if run:
@@ -96,7 +83,7 @@ def measure_jax(args, variant, num_classes):
     state, shardings = train_state.create_train_state(c, num_classes, 100, mesh, log=None)
     jax.block_until_ready(state)
     r["create_s"] = time.perf_counter() - start
-    r["rss_after_state"] = peak_rss_bytes()
+    r["rss_after_state"] = machine.peak_rss_bytes()
     abstract = state
   else:
     r["not_run"] = (f"predicted {predicted_state / GIB:.1f} GiB for the state > "
@@ -126,7 +113,7 @@ def measure_jax(args, variant, num_classes):
       state, metrics = step(state, batches[(i + 1) % 2])
     jax.block_until_ready(metrics)
     r["step_s"] = (time.perf_counter() - start) / args.steps
-    r["rss_peak"] = peak_rss_bytes()
+    r["rss_peak"] = machine.peak_rss_bytes()
   return r
 
 
@@ -148,7 +135,7 @@ def measure_torch(args, variant, num_classes):
   c = bts.make_config(step_args, num_classes)
   seconds = bts.time_torch_step(step_args, c, num_classes, autocast_bf16=False)
   return {"variant": variant, "ids": num_classes, "step_s": seconds,
-          "rss_peak": peak_rss_bytes()}
+          "rss_peak": machine.peak_rss_bytes()}
 
 
 def child(args, kind, variant, num_classes):
@@ -202,7 +189,7 @@ def main():
     return
 
   import jax
-  print(f"# identity scaling: CPU {cpu_model()}; jax {jax.__version__}; mesh data,model = "
+  print(f"# identity scaling: CPU {machine.cpu_model()}; jax {jax.__version__}; mesh data,model = "
         f"{args.mesh}{' with fsdp' if args.fsdp else ''}; batch M·P·K = "
         f"3·{args.ids_per_batch}·{args.instances}, 256x128, {args.dtype} products; "
         f"budget {args.budget_gib} GiB", flush=True)

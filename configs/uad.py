@@ -110,6 +110,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_every_epochs = 10                   # evaluation period in epochs
   c.eval_batch_size = 256                    # images per inference step during evaluation
   c.camera_rule = "sysu"                     # gallery exclusion: sysu | market | none (spec §7)
+  # Exact k-reciprocal re-ranking (uad_jax/evaluation/reranking.py) of every evaluation, reported
+  # beside the plain metrics; the reference's settings (the common ones: k1=20, k2=6, λ=0.3).
+  c.rerank = ml_collections.ConfigDict()
+  c.rerank.enabled = False                   # also evaluate with re-ranked distances
+  c.rerank.k1 = 50                           # k of the k-reciprocal neighbour sets
+  c.rerank.k2 = 15                           # neighbours averaged by the query expansion
+  c.rerank.lambda_value = 0.3                # weight of the original distance (1 − λ: Jaccard)
   c.missing_modality = "error"               # train ids lacking a modality: error | drop
   c.data_workers = 0                         # decode/augment worker processes per host
   c.data_threads = 2                         # decode/augment threads per process

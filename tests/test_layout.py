@@ -15,6 +15,9 @@ OWNERS = {"grain": {"uad_jax.data.input_pipeline"},
           "orbax": {"uad_jax.training.checkpointing"},
           "tqdm": {"uad_jax.console"},
           "tensorboardX": {"uad_jax.training.metric_writers"},
+          "scipy": {"uad_jax.evaluation.reranking"},
+          "jax2onnx": {"uad_jax.models.onnx_export"}, "onnx": {"uad_jax.models.onnx_export"},
+          "onnxruntime": {"uad_jax.models.onnx_export"},
           "torch": set(), "tensorflow": set()}
 
 

@@ -9,6 +9,10 @@ WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where the command writes; default workdir/synthetic for training, "
     "workdir/ablation and workdir/scaling for those commands.")
 
+CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", "latest", "Which checkpoint of --workdir: latest, best (by AS-ReID mAP) or a "
+    "step; for --mode=eval and the retrieval tools (embed, search, export).")
+
 
 def workdir(default: str) -> str:
   return WORKDIR.value or default

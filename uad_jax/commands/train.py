@@ -38,8 +38,6 @@ from uad_jax.training import workdir as workdirs
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
                           "train: train (or resume) and evaluate; eval: evaluate one checkpoint "
                           "of --workdir and write its reports to eval_stepNNNNNN/.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest",
-                                  "With --mode=eval: latest, best (by AS-ReID mAP) or a step.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", list(distributed.MODES),
     "Join other processes with jax.distributed: auto (when the flags below are given or a "
@@ -68,7 +66,8 @@ def main(argv):
   workdir = common_flags.workdir("workdir/synthetic")
   try:
     if _MODE.value == "eval":
-      checkpoint_eval.evaluate_checkpoint(common_flags.CONFIG.value, workdir, _CHECKPOINT.value)
+      checkpoint_eval.evaluate_checkpoint(common_flags.CONFIG.value, workdir,
+                                          common_flags.CHECKPOINT.value)
     else:
       config = pretrain.with_pretrained_backbone(common_flags.CONFIG.value,
                                                  console.for_this_process(print))

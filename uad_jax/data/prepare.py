@@ -70,6 +70,16 @@ def dataset_dirs(config) -> tuple[str, str]:
   return os.path.join(d.manual_dir, tag), os.path.join(d.data_dir, tag)
 
 
+def raw_split_folder(config, split: str) -> str:
+  """The raw archive folder of a split ("query" or "gallery") of the dataset `config` names:
+  its images in the WHU-MARS layout, for the tools that read images from folders."""
+  if split not in raw_layout.SPLIT_FOLDERS:
+    raise ValueError(f"split {split!r}: expected one of {tuple(raw_layout.SPLIT_FOLDERS)}")
+  manual_dir, _ = dataset_dirs(config)
+  return os.path.join(manual_dir, raw_layout.RAW_FOLDERS[config.dataset.config],
+                      raw_layout.SPLIT_FOLDERS[split])
+
+
 def synthetic_request(config) -> dict:
   """The generator settings of the synthetic set `config` names (what its record holds)."""
   d = config.dataset

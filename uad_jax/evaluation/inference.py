@@ -14,8 +14,8 @@ import jax
 import numpy as np
 
 from uad_jax import console, sharding
-from uad_jax.data import input_pipeline
-from uad_jax.evaluation import baselines, protocols, report
+from uad_jax.data import augment, image_folder, input_pipeline
+from uad_jax.evaluation import baselines, protocols, report, reranking
 
 
 class SplitFeatures(NamedTuple):
@@ -68,6 +68,52 @@ def _gather_rows(local):
   return np.asarray(multihost_utils.process_allgather(local, tiled=True))
 
 
+@functools.lru_cache(maxsize=4)
+def _uint8_inference_fn(model, mesh):
+  def infer(variables, images):
+    return model.apply(variables, augment.normalize_batch(images), train=False)
+  return jax.jit(infer, out_shardings=sharding.replicated(mesh))
+
+
+class ImageForward:
+  """A live model as the retrieval tools call it: uint8 [n, H, W, 3] images, resized to the
+  model's input size, in; float32 [n, D] pre-BN features out (as the evaluation computes them).
+
+  Batches are padded to one fixed size (a multiple of the devices) so that one compilation
+  serves every batch, and split over the mesh's data axis. An export loaded with
+  `models.serving_export.load` is called the same way.
+  """
+
+  def __init__(self, model, variables, mesh, rules, batch_size: int):
+    devices = mesh.devices.size
+    self.batch_size = -(-batch_size // devices) * devices
+    self._model, self._variables, self._mesh, self._rules = model, variables, mesh, rules
+
+  def __call__(self, images: np.ndarray) -> np.ndarray:
+    count = len(images)
+    if not 0 < count <= self.batch_size:
+      raise ValueError(f"batches of 1..{self.batch_size} images, got {count}")
+    padded = np.zeros((self.batch_size,) + images.shape[1:], np.uint8)
+    padded[:count] = images
+    infer = _uint8_inference_fn(self._model, self._mesh)
+    with sharding.context(self._mesh, self._rules):
+      batch = jax.device_put(padded, sharding.batch_sharding(self._mesh))
+      return np.asarray(infer(self._variables, batch))[:count]
+
+
+def embed_folder(images: image_folder.FolderImages, forward, image_size, batch_size: int, *,
+                 threads: int = 4, bar=None) -> np.ndarray:
+  """float32 [N, D]: `forward` (an `ImageForward` or a loaded export) over every image of
+  `images`, decoded and resized as the evaluation does. `bar` advances by images."""
+  files = [images.file(i) for i in range(len(images))]
+  feats = []
+  for batch in image_folder.batches(files, image_size, batch_size, threads=threads):
+    feats.append(np.asarray(forward(batch), np.float32))
+    if bar is not None:
+      bar.update(len(batch))
+  return np.concatenate(feats)
+
+
 def _eval_dataset(config, source):
   return input_pipeline.make_eval_dataset(
       source, config.eval_batch_size, image_size=tuple(config.model.image_size),
@@ -106,4 +152,27 @@ def evaluate_model(model, variables, config, mesh, out_dir: str | None, label: s
   # After the log line: a job stopped while logging has no report, and evaluates again on resume.
   if out_dir and jax.process_index() == 0:
     report.write_report(results, out_dir, print_table=False)
+  if config.rerank.enabled:
+    _evaluate_reranked(query, gallery, results, config, out_dir, label, log)
   return results
+
+
+RERANKED_PREFIX = "retrieval_reranked"
+
+
+def _evaluate_reranked(query: SplitFeatures, gallery: SplitFeatures, results: dict, config,
+                       out_dir, label: str, log) -> dict:
+  """Every protocol again on the exact k-reciprocal re-ranked distances (`reranking`), logged
+  and written beside the plain report as retrieval_reranked.*; the plain results stay the run's
+  record (best checkpoint, curves). Every process computes it whole on its own devices."""
+  settings = reranking.RerankSettings(config.rerank.k1, config.rerank.k2,
+                                      config.rerank.lambda_value)
+  start = time.perf_counter()
+  reranked = protocols.evaluate_protocols_reranked(query.model, gallery.model, settings=settings,
+                                                   camera_rule=config.camera_rule)
+  reranked["baselines"] = results["baselines"]  # the same chance and raw-pixel rows
+  log(f"{label}, re-ranked (k1={settings.k1}, k2={settings.k2}, λ={settings.lambda_value}): "
+      f"{report.format_headline(reranked)}; {time.perf_counter() - start:.1f} s")
+  if out_dir and jax.process_index() == 0:
+    report.write_report(reranked, out_dir, prefix=RERANKED_PREFIX, print_table=False)
+  return reranked

@@ -472,7 +472,9 @@ def _query_metrics(ranks, num_pos, retrieved):
   return ap.astype(jnp.float32), inp.astype(jnp.float32), first_rank
 
 
-def _check_features(query_feats, gallery_feats):
+def checked_features(query_feats, gallery_feats, *, non_empty: bool = False):
+  """The two feature arrays as contiguous fp32, or a ValueError naming what is wrong with them
+  (shape, dtype, non-finite values, different widths; no rows where `non_empty`)."""
   checked = []
   for name, feats in (("query_feats", query_feats), ("gallery_feats", gallery_feats)):
     feats = np.asarray(feats)
@@ -480,13 +482,20 @@ def _check_features(query_feats, gallery_feats):
       raise ValueError(f"{name} must be a 2-D array [num_items, dim], got shape {feats.shape}")
     if not (np.issubdtype(feats.dtype, np.floating) or np.issubdtype(feats.dtype, np.integer)):
       raise ValueError(f"{name} must hold numbers, got dtype {feats.dtype}")
-    feats = feats.astype(np.float32, copy=False)
+    if non_empty and len(feats) == 0:
+      raise ValueError(f"{name} has no rows")
+    feats = np.ascontiguousarray(feats, dtype=np.float32)
     if not np.isfinite(feats).all():
-      raise ValueError(f"{name} holds non-finite values")
+      raise ValueError(f"{name} holds non-finite values (after the cast to fp32)")
     checked.append(feats)
   if checked[0].shape[1] != checked[1].shape[1]:
     raise ValueError(f"gallery_feats has dim {checked[1].shape[1]} but query_feats has dim "
                      f"{checked[0].shape[1]}")
+  return checked
+
+
+def _check_features(query_feats, gallery_feats):
+  checked = checked_features(query_feats, gallery_feats)
   if len(checked[1]) > _MAX_GALLERY:
     raise ValueError(f"gallery_feats has {len(checked[1])} items; at most {_MAX_GALLERY} are "
                      "supported (the fp32 counts would lose exactness)")
@@ -524,3 +533,71 @@ def _dense_codes(query_labels, gallery_labels):
   _, codes = np.unique(np.concatenate([query_labels, gallery_labels]), return_inverse=True)
   codes = codes.astype(np.int32)
   return codes[:len(query_labels)], codes[len(query_labels):]
+
+
+def per_query_metrics_of_distances(distances, query_ids, gallery_ids, query_cams, gallery_cams,
+                                   *, camera_rule: str = "sysu"):
+  """(valid, AP, INP, first-hit rank) of each row of a block of distances computed elsewhere
+  (re-ranked ones), on the host, with the definitions and tie rule of `evaluate`.
+
+  Args:
+    distances: [b, G] distances of b queries to the whole gallery (any float dtype).
+    query_ids, query_cams: [b] labels of those queries; gallery_ids, gallery_cams: [G].
+    camera_rule: as in `evaluate`.
+
+  Returns:
+    valid [b] bool (the query keeps a true match; `evaluate` skips the others), AP and INP [b]
+    float64 and the first-hit rank [b] int64; NaN and _NO_RANK where not valid.
+
+  Each positive's rank is one plus the kept items before it in the (distance, gallery index)
+  order. Only the kept items no farther than the query's hardest positive can precede one, and
+  only those are sorted (NumPy's sort, not XLA:CPU's, which is 10-50x slower).
+  """
+  _check_options(camera_rule, 1, None, None, 1)
+  distances = np.asarray(distances)
+  if distances.ndim != 2:
+    raise ValueError(f"distances must be 2-D [queries, gallery], got shape {distances.shape}")
+  labels = _check_labels(*distances.shape, query_ids=query_ids, query_cams=query_cams,
+                         gallery_ids=gallery_ids, gallery_cams=gallery_cams)
+  same_id = labels["query_ids"][:, None] == labels["gallery_ids"][None, :]
+  kept = kept_by_camera_rule(camera_rule, same_id,
+                             labels["query_cams"][:, None] == labels["gallery_cams"][None, :])
+  positive = same_id & kept
+  num_rows = len(distances)
+  ap, inp = np.full(num_rows, np.nan), np.full(num_rows, np.nan)
+  first_rank = np.full(num_rows, _NO_RANK, np.int64)
+  valid = positive.any(axis=1)
+  for row in np.flatnonzero(valid):
+    ranks = _positive_ranks_of_row(distances[row], kept[row], np.flatnonzero(positive[row]))
+    hits = np.arange(1, len(ranks) + 1)
+    ap[row] = np.mean(hits / ranks)
+    inp[row] = len(ranks) / ranks[-1]
+    first_rank[row] = ranks[0]
+  return valid, ap, inp, first_rank
+
+
+def _positive_ranks_of_row(dist, kept, positives):
+  """Ascending 1-based ranks of the positives (ascending gallery indices) among the kept items."""
+  pos_dist = dist[positives]
+  candidates = np.flatnonzero(kept & (dist <= pos_dist.max()))
+  cand_dist = dist[candidates]
+  ordered = np.sort(cand_dist)
+  before = np.searchsorted(ordered, pos_dist, side="left")
+  tied = np.searchsorted(ordered, pos_dist, side="right") - before > 1
+  if tied.any():
+    # Equal distances: the lower gallery index goes first, as in `evaluate`.
+    same = cand_dist[None, :] == pos_dist[tied][:, None]
+    before[tied] += np.sum(same & (candidates[None, :] < positives[tied][:, None]), axis=1)
+  return np.sort(before + 1)
+
+
+def summarize_per_query(num_queries: int, ap, inp, first_rank, *, max_rank: int = 50) -> dict:
+  """`evaluate`'s result from the per-query values of its valid queries (in any order)."""
+  ap, inp, first_rank = (np.asarray(x) for x in (ap, inp, first_rank))
+  result = {"num_queries": int(num_queries), "num_valid_queries": len(ap),
+            "truncated_top_k": None}
+  if not len(ap):
+    return _without_valid_queries(result, max_rank)
+  cmc = (first_rank[:, None] <= np.arange(1, max_rank + 1)[None, :]).mean(axis=0)
+  return {**result, "mAP": float(np.mean(ap, dtype=np.float64)),
+          "mINP": float(np.mean(inp, dtype=np.float64)), "cmc": cmc}

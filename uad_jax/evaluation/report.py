@@ -21,6 +21,9 @@ REPORTED_RANKS = (1, 5, 10)
 LOSS_ORDER = ("loss/total", "loss/ce", "loss/wrt", "loss/proca", "loss/gpd")
 CMC_CURVES = (("as_reid", f"all{ARROW}all"), ("viewpoint", f"aerial{ARROW}ground"),
               ("viewpoint", f"ground{ARROW}aerial"))
+# Read once at import: os.umask can only be read by setting it, which other threads would see.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def mode_label(results: dict) -> str:
@@ -106,6 +109,8 @@ def write_atomically(path, write: Callable) -> pathlib.Path:
     try:
       write(tmp)
       tmp.flush()
+      # mkstemp makes the file 0600; a report is as readable as any file the user writes.
+      os.fchmod(tmp.fileno(), 0o666 & ~_UMASK)
       os.fsync(tmp.fileno())
     except BaseException:
       tmp.close()

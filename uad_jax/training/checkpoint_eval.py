@@ -5,7 +5,10 @@ step number; its reports (the same table, JSON and figures as in training) go to
 ``workdir/eval_stepNNNNNN/``. The run's own config is what trained it, so the workdir's recorded
 config must agree with the given one on every field that shapes the model (``training.workdir``).
 """
+import dataclasses
 import os
+
+import jax
 
 from uad_jax import console, sharding
 from uad_jax.data import input_pipeline
@@ -75,3 +78,49 @@ def evaluate_initial_state(config, out_dir: str, log=print) -> dict:
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   return inference.evaluate_model(state.model, variables, config, mesh, out_dir,
                                   "starting backbone, before the UAD stage", log)
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceModel:
+  """A trained model restored for inference: what the retrieval tools and the export need."""
+  config: object      # the run's recorded config
+  model: object       # the UADNet module
+  variables: dict     # {"params", "batch_stats"}
+  mesh: object        # a data-parallel mesh over this process's devices
+  step: int
+  workdir: str
+
+  def forward(self, batch_size: int) -> inference.ImageForward:
+    return inference.ImageForward(self.model, self.variables, self.mesh,
+                                  self.config.sharding_rules, batch_size)
+
+  def describe(self) -> dict:
+    """Where the model came from, for features files and exports (JSON-ready)."""
+    return {"workdir": os.path.abspath(self.workdir), "step": self.step,
+            "preset": self.config.preset, "variant": self.config.model.variant,
+            "stem": self.config.model.stem, "image_size": list(self.config.model.image_size),
+            "features": "pre-BN global feature (the evaluation's)"}
+
+
+def load_for_inference(workdir: str, which: str = "latest") -> InferenceModel:
+  """Checkpoint `which` (latest, best or a step) of a training run's workdir, with the run's
+  recorded config; the dataset is not needed (the classifier's width comes from the checkpoint).
+  """
+  config = workdirs.read_config(workdir)
+  checkpoints = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                           keep=config.keep_checkpoints)
+  try:
+    step = choose_step(checkpoints, which)
+    shapes = checkpoints.array_shapes(step)
+    num_classes = shapes["params.classifier.kernel"][-1]
+    # One process's devices, data parallel: inference needs no model axis, and a run trained on
+    # a pod is used on a workstation.
+    mesh = sharding.make_mesh((("data", -1), ("model", 1)), jax.local_devices())
+    target, _ = train_state.create_train_state(config, num_classes, 1, mesh, abstract_only=True)
+    state = checkpoints.restore(target, step).state
+  finally:
+    checkpoints.close()
+  return InferenceModel(config, state.model, {"params": state.params,
+                                              "batch_stats": state.batch_stats},
+                        mesh, step, workdir)
+

@@ -261,6 +261,19 @@ class Checkpointer:
       os.fsync(f.fileno())
     os.replace(tmp, path)
 
+  def array_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+    """``{dotted leaf name: shape}`` of the state saved at ``step``, read from its metadata
+    alone (e.g. the classifier's width, to build a restore target without the dataset)."""
+    path = self.step_path(step)
+    with _quiet_orbax():
+      try:
+        metadata = self._manager.item_metadata(step)["state"]
+      except Exception as error:  # noqa: BLE001 - whatever Orbax meets in a damaged step
+        raise DamagedCheckpoint(path, _short(error)) from error
+    if metadata is None:
+      raise DamagedCheckpoint(path, "missing state")
+    return {name: tuple(leaf.shape) for name, leaf in checksums.leaf_names(metadata).items()}
+
   # --- restoring --------------------------------------------------------------------------------
 
   def restore(self, abstract_state, step: int | None = None, *, verify: bool = True) -> Restored:

@@ -102,6 +102,10 @@ def _check_run(p: _Problems) -> None:
   p.number("eval_every_epochs", 1, integer=True)
   p.number("eval_batch_size", 1, integer=True)
   p.one_of("camera_rule", metrics.CAMERA_RULES)
+  p.one_of("rerank.enabled", (False, True))
+  p.number("rerank.k1", 1, integer=True)
+  p.number("rerank.k2", 1, integer=True)
+  p.number("rerank.lambda_value", 0, 1)
   for field in ("max_nonfinite_steps", "keep_checkpoints", "log_every_steps"):
     p.number(field, 1, integer=True)
 

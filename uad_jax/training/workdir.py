@@ -28,6 +28,8 @@ import os
 import socket
 from typing import Any, Iterator
 
+import ml_collections
+
 from uad_jax.evaluation import report
 
 LOCK_FILE = ".lock"
@@ -40,6 +42,7 @@ MAY_CHANGE_ON_RESUME = (
     "eval_batch_size",       # how evaluation batches inference; training never sees it
     "eval_every_epochs",     # when to evaluate; evaluation does not touch the train state
     "camera_rule",           # which gallery images an evaluation excludes
+    "rerank",                # whether and how an evaluation also re-ranks
     "data_threads",          # decode threads: the stream is the same whatever their count, and
                              # the iterator's saved position does not depend on it
     "mesh",                  # the step is device-count invariant up to fp32 noise, and a
@@ -255,6 +258,30 @@ def record_config(workdir: str, config, resuming: bool) -> list[Change]:
   text = json.dumps(now, indent=1, ensure_ascii=False, allow_nan=True) + "\n"
   report.write_atomically(path, lambda f: f.write(text.encode("utf-8")))
   return changes
+
+
+def read_config(workdir: str):
+  """The config a run of `workdir` recorded, as a locked ConfigDict (JSON lists back to tuples,
+  as the config file writes them)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  try:
+    with open(path) as f:
+      recorded = json.load(f)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{path} does not exist: {workdir} is not the workdir of a training "
+                            "run") from None
+  except json.JSONDecodeError as error:
+    raise ValueError(f"{path} is not valid JSON: {error}") from None
+
+  def tuples(value):
+    if isinstance(value, dict):
+      return {k: tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+      return tuple(tuples(v) for v in value)
+    return value
+  config = ml_collections.ConfigDict(tuples(recorded))
+  config.lock()
+  return config
 
 
 def _changed_message(workdir: str, fixed: list[Change], changes: list[Change]) -> str:
