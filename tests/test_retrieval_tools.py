@@ -38,7 +38,7 @@ def test_a_folder_scan_reads_whu_mars_paths_and_leaves_other_images_unknown(tmp_
   np.testing.assert_array_equal(images.viewpoints, [-1, -1, 0, 1])  # camera 5: a UAV
   forced = image_folder.scan(tmp_path, modality="TIR",
                              camera_viewpoints=("aerial",) * 2 + ("ground",) * 5)
-  np.testing.assert_array_equal(forced.modalities, [2, 2, 2, 2])
+  np.testing.assert_array_equal(forced.modalities, [0, 2, 1, 2])  # folders still win
   np.testing.assert_array_equal(forced.viewpoints, [-1, -1, 1, 0])
 
 

@@ -7,9 +7,9 @@
 The model is a training run's checkpoint (its recorded config says what it is; the dataset is
 not needed) or an export (``python -m uad_jax.commands.export``). Any image folder works; paths in
 the WHU-MARS layout (``<id>_c<camera>_….jpg`` under ``RGB/``, ``IR/``, ``Thermal/``) bring their
-identity, camera, modality and viewpoint, other images are unlabelled (``--modality`` sets the
-modality of all). Features are the evaluation's: pre-BN global features of the images decoded and
-resized as the evaluation does.
+identity, camera, modality and viewpoint, other images are unlabelled (``--modality`` gives the
+modality of images whose folders do not name one). Features are the evaluation's: pre-BN global
+features of the images decoded and resized as the evaluation does.
 """
 from absl import app
 from absl import flags

@@ -17,8 +17,8 @@ from uad_jax.training import checkpoint_eval
 EXPORT = flags.DEFINE_string("export", None, "An exported model's folder, instead of --workdir "
                              "(python -m uad_jax.commands.export).")
 MODALITY = flags.DEFINE_enum("modality", None, list(image_folder.MODALITIES),
-                             "The modality of every image of a folder (default: from the "
-                             "folder names: RGB, IR/NIR, Thermal/TIR).")
+                             "The modality of images whose folders do not name one (RGB, "
+                             "IR/NIR, Thermal/TIR folders say it themselves).")
 CAMERA_VIEWS = flags.DEFINE_list(
     "camera_viewpoints", list(image_folder.raw_layout.DEFAULT_CAMERA_VIEWPOINTS),
     "Viewpoint (ground/aerial) of each 0-based camera of WHU-MARS file names.")

@@ -73,7 +73,8 @@ def _run(log=print):
   os.makedirs(_OUT.value, exist_ok=True)
   _write_csvs(query, gallery, ranking, _OUT.value)
   how = "re-ranked " + _RERANK.value if settings else "feature distances"
-  summary = f"{len(query)} queries x {len(gallery)} gallery ({how}, camera rule {ranking.camera_rule})"
+  summary = (f"{len(query)} queries x {len(gallery)} gallery ({how}, camera rule "
+             f"{ranking.camera_rule})")
   if ranking.labelled:
     valid = ~np.isnan(ranking.ap)
     first = ranking.first_match[valid]

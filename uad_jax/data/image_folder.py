@@ -26,8 +26,9 @@ MODALITIES = raw_layout.MODALITIES        # index = the dataset's modality label
 VIEWPOINTS = raw_layout.VIEWPOINTS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # Folder name (lower case) → modality. The archive's own names and the modality names.
-MODALITY_FOLDERS = {**{folder.lower(): name for name, folder in raw_layout.MODALITY_FOLDERS.items()},
-                    **{name.lower(): name for name in MODALITIES}}
+MODALITY_FOLDERS = {
+    **{folder.lower(): name for name, folder in raw_layout.MODALITY_FOLDERS.items()},
+    **{name.lower(): name for name in MODALITIES}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +52,10 @@ def scan(root, *, modality: str | None = None,
          camera_viewpoints: Sequence[str] = raw_layout.DEFAULT_CAMERA_VIEWPOINTS) -> FolderImages:
   """Every image file under `root` (recursively) and its labels.
 
-  `modality`: the modality of every image (a folder of one sensor's images whose folders do not
-  say it); default: from the folder names. `camera_viewpoints[c]`: the viewpoint of 0-based
-  camera c. Raises ValueError naming the folder when it is missing or holds no image.
+  `modality`: the modality of the images whose folders do not name one (a folder of one
+  sensor's images); the folder names win where they say it. `camera_viewpoints[c]`: the
+  viewpoint of 0-based camera c. Raises ValueError naming the folder when it is missing or holds
+  no image.
   """
   root = Path(root)
   if not root.is_dir():
@@ -75,8 +77,8 @@ def scan(root, *, modality: str | None = None,
       labels[0, i], labels[1, i] = parsed
       if parsed[1] < len(camera_viewpoints):
         labels[3, i] = VIEWPOINTS.index(camera_viewpoints[parsed[1]])
-    name = modality or next((MODALITY_FOLDERS[p.lower()] for p in reversed(parts[:-1])
-                             if p.lower() in MODALITY_FOLDERS), None)
+    name = next((MODALITY_FOLDERS[p.lower()] for p in reversed(parts[:-1])
+                 if p.lower() in MODALITY_FOLDERS), modality)
     if name is not None:
       labels[2, i] = MODALITIES.index(name)
   return FolderImages(str(root), tuple(files), *labels)

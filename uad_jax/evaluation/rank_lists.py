@@ -331,7 +331,8 @@ def draw_rank_lists(rows: Sequence[RankedQuery], path, *, title=None) -> pathlib
                 (_identity_line(crop), small), (_shorten(crop.file_name), tiny)])
     note = row.note()
     if note:
-      text(g["hits_left"] + len(row.hits) * _CELL_W + 0.1, top + _ABOVE + _FRAME + _IMAGE_BOX[1] / 2, note, ha="left",
+      text(g["hits_left"] + len(row.hits) * _CELL_W + 0.1,
+           top + _ABOVE + _FRAME + _IMAGE_BOX[1] / 2, note, ha="left",
            fontsize=7,
            color="#333333" if row.first_match_rank is not None else VERDICT_COLOURS[False])
   return write_atomically(path, lambda f: figure.savefig(f, format="png", dpi=DPI))

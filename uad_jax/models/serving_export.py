@@ -165,7 +165,8 @@ def _features_fn(model, treedef, leaves, kept):
     values = [jnp.zeros(x.shape, x.dtype) for x in leaves]
     for i, value in zip(kept, kept_values):
       values[i] = value
-    out = model.apply(jax.tree.unflatten(treedef, values), augment.normalize_batch(images), train=False)
+    out = model.apply(jax.tree.unflatten(treedef, values), augment.normalize_batch(images),
+                      train=False)
     return out.astype(jnp.float32)
   return features
 
