@@ -1,6 +1,7 @@
 """Protocol cells (spec §7) on a small synthetic metadata set, and the report files."""
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -157,3 +158,70 @@ def test_bad_metadata_names_the_field(field, values, message):
   fields = {f: getattr(QUERY, f) for f in ("feats", "ids", "cams", "modalities", "viewpoints")}
   with pytest.raises(ValueError, match=message):
     RetrievalSide(**{**fields, field: values})
+
+
+@pytest.mark.parametrize("camera_rule,top_k,num_devices", [
+    ("sysu", None, 8), ("market", 7, 1), ("none", None, 1), ("sysu", 7, 8)])
+def test_one_pass_cells_equal_evaluate_of_each_cell_with_exact_ties(camera_rule, top_k,
+                                                                     num_devices):
+  rng = np.random.default_rng(3)
+  # Small integer features: exact fp32 distances, many of them equal.
+  q_feats, g_feats = rng.integers(-2, 3, (60, 3)), rng.integers(-2, 3, (250, 3))
+  q_ids, g_ids = rng.integers(0, 8, 60), rng.integers(0, 8, 250)
+  q_cams, g_cams = rng.integers(0, 4, 60), rng.integers(0, 4, 250)
+  q_groups, g_groups = rng.integers(0, 6, 60), rng.integers(0, 6, 250)
+  cells = [(None, None), (q_groups < 3, g_groups >= 3), (q_groups == 1, g_groups == 1),
+           (q_groups == 5, np.isin(g_groups, [0, 2, 4])),
+           (rng.random(60) < 0.5, rng.random(250) < 0.3),     # masks that cut the groups
+           (np.zeros(60, bool), None), (None, np.zeros(250, bool)),
+           (None, np.arange(250) == 17)]                      # one gallery item: rarely valid
+  options = {"camera_rule": camera_rule, "top_k": top_k, "max_rank": 10, "normalize": False,
+             "devices": jax.devices()[:num_devices]}
+  results = metrics.evaluate_cells(q_feats, g_feats, q_ids, g_ids, q_cams, g_cams, cells,
+                                   **options)
+  for number, (q_mask, g_mask) in enumerate(cells):
+    q = slice(None) if q_mask is None else q_mask
+    g = slice(None) if g_mask is None else g_mask
+    want = metrics.evaluate(q_feats[q], g_feats[g], q_ids[q], g_ids[g], q_cams[q], g_cams[g],
+                            **options)
+    got = results[number]
+    assert got.keys() == want.keys(), number
+    for key in ("num_queries", "num_valid_queries", "truncated_top_k"):
+      assert got[key] == want[key], (number, key)
+    # Exactly: the same integer ranks and the same host arithmetic.
+    np.testing.assert_array_equal([got["mAP"], got["mINP"]], [want["mAP"], want["mINP"]],
+                                  err_msg=str(number))
+    np.testing.assert_array_equal(got["cmc"], want["cmc"], err_msg=str(number))
+  assert results[0]["num_valid_queries"] > 40 and results[5]["num_valid_queries"] == 0
+
+
+def test_the_protocol_report_is_one_pass_of_the_whole_set(monkeypatch):
+  calls, one_pass = [], metrics.evaluate_cells
+
+  def counted(*args, **kwargs):
+    calls.append(len(args[6]))
+    return one_pass(*args, **kwargs)
+
+  monkeypatch.setattr(metrics, "evaluate_cells", counted)
+  monkeypatch.setattr(metrics, "evaluate", None)   # no per-cell evaluation left
+  protocols.evaluate_protocols(QUERY, GALLERY, max_rank=5)
+  assert calls == [1 + 9 + 2 + 36]
+
+
+@pytest.mark.parametrize("cells,error,message", [
+    ([], ValueError, "no cells"),
+    ([(np.ones(90, bool),)], ValueError, "must be a .query mask, gallery mask. pair"),
+    ([(np.ones(89, bool), None)], ValueError,
+     r"the query mask must be a bool array of shape \(90,\)"),
+    ([(None, np.ones(300, int))], ValueError, "the gallery mask must be a bool array"),
+])
+def test_bad_cells_are_refused(cells, error, message):
+  with pytest.raises(error, match=message):
+    metrics.evaluate_cells(QUERY.feats, GALLERY.feats, QUERY.ids, GALLERY.ids, QUERY.cams,
+                           GALLERY.cams, cells)
+
+
+def test_unknown_options_are_refused():
+  with pytest.raises(TypeError, match="unexpected options .'topk'."):
+    metrics.evaluate_cells(QUERY.feats, GALLERY.feats, QUERY.ids, GALLERY.ids, QUERY.cams,
+                           GALLERY.cams, [(None, None)], topk=3)

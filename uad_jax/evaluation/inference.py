@@ -3,8 +3,8 @@ and the retrieval tools share. Every process feeds its slice of each batch; feat
 come back whole to every process. The same pass pools the images for the raw-pixel baseline
 (`baselines`), so an evaluation reads and decodes each image once.
 
-In a multi-process run the metrics are shared work too: `metrics.evaluate` deals each cell's
-queries to the processes and gathers their values, so every process holds the whole result and
+In a multi-process run the metrics are shared work too: `metrics.evaluate_cells` deals the
+queries to the processes and gathers their counts, so every process holds the whole result and
 process 0 alone logs it and writes the report."""
 import functools
 import time

@@ -11,14 +11,19 @@ How, without sorting gallery rows (XLA:CPU sorts run 10-50× slower than NumPy's
 rank is one plus the number of kept items that precede it. The host lists each query's positives.
 For one chunk of queries per device and step, the device computes the distance rows with one dot,
 then counts, per block of 16 positives, the kept items ranked before each of them in one fused
-vectorised pass (`_count_closer`), and turns the ranks into AP, INP and the first-hit rank. The
-cost is the distance product plus about 0.05-0.1 ns per (distance, positive) on a CPU core.
-Queries are sorted by their number of positives and dealt round-robin to the devices of a 1-D mesh
-(balanced shards, and chunks of similar queries, which skip the positive blocks none of them
-uses); the gallery is replicated. Per-query values come back to the host for the final means.
+vectorised pass (`_count_closer`). The cost is the distance product plus about 0.05-0.1 ns per
+(distance, positive) on a CPU core. Queries are sorted by their number of positives and dealt
+round-robin to the devices of a 1-D mesh (balanced shards, and chunks of similar queries, which
+skip the positive blocks none of them uses); the gallery is replicated. The integer counts come
+back to the host, which turns the ranks into AP, INP (float64) and the first-hit rank.
+
+Many cells at once (`evaluate_cells`, the protocol matrices): the cells' gallery masks split the
+gallery into atoms; the device counts the preceding kept items per atom (the same pass, each fold
+column holding one atom's items) and a cell's ranks are sums over its atoms, so all cells cost
+one evaluation of the whole set and one compilation, and equal `evaluate` of each cell exactly.
 
 In a multi-process run the queries are first dealt the same way to the processes: each computes
-its share on its own devices, and the per-query values are gathered (`process_allgather`), so
+its share on its own devices, and the per-query counts are gathered (`process_allgather`), so
 every process gets every query's values and the same means as a single process would.
 """
 import functools
@@ -87,24 +92,128 @@ def evaluate(query_feats, gallery_feats, query_ids, gallery_ids, query_cams, gal
      "num_valid_queries", "num_queries": int, "truncated_top_k": None or k}.
     With no valid query the metrics are NaN.
   """
+  return evaluate_cells(query_feats, gallery_feats, query_ids, gallery_ids, query_cams,
+                        gallery_cams, [(None, None)], camera_rule=camera_rule, max_rank=max_rank,
+                        normalize=normalize, top_k=top_k, devices=devices, chunk_size=chunk_size,
+                        memory_budget_bytes=memory_budget_bytes)[0]
+
+
+_EVALUATE_DEFAULTS = {"camera_rule": "sysu", "max_rank": 50, "normalize": True, "top_k": None,
+                      "devices": None, "chunk_size": None,
+                      "memory_budget_bytes": DEFAULT_MEMORY_BUDGET_BYTES}
+
+
+def evaluate_cells(query_feats, gallery_feats, query_ids, gallery_ids, query_cams, gallery_cams,
+                   cells: Sequence[tuple], **options) -> list[dict]:
+  """`evaluate` of many (query subset, gallery subset) cells of one query and gallery set, in one
+  pass over the gallery and one compilation.
+
+  Args:
+    query_feats … gallery_cams: as in `evaluate`.
+    cells: (query mask [Q], gallery mask [G]) bool pairs; None stands for every row.
+    **options: the keyword arguments of `evaluate`, for every cell.
+
+  Returns:
+    One result per cell: `evaluate(query_feats[q_mask], gallery_feats[g_mask], …)`, exactly
+    (the same tie rule; the metrics come from the same integer ranks).
+
+  The gallery masks split the gallery into "atoms", the sets of items that lie in the same cells
+  (for the protocol matrices: the 6 scenarios). A positive's rank within a cell is one plus the
+  kept items of the cell's atoms that precede it, so the device counts those per atom, at the
+  cost of one `evaluate` of the whole set, and the host adds up each cell's atoms.
+  """
   query_feats, gallery_feats = _check_features(query_feats, gallery_feats)
-  _check_options(camera_rule, max_rank, top_k, chunk_size, memory_budget_bytes)
+  if set(options) - set(_EVALUATE_DEFAULTS):
+    raise TypeError(f"unexpected options {sorted(set(options) - set(_EVALUATE_DEFAULTS))}; "
+                    f"known: {sorted(_EVALUATE_DEFAULTS)}")
+  options = {**_EVALUATE_DEFAULTS, **options}
+  top_k, max_rank = options.pop("top_k"), options.pop("max_rank")
+  _check_options(options["camera_rule"], max_rank, top_k, options["chunk_size"],
+                 options["memory_budget_bytes"])
+  options["normalize"] = bool(options["normalize"])
   q_ids, q_cams, g_ids, g_cams = _coded_labels(len(query_feats), len(gallery_feats), query_ids,
                                                gallery_ids, query_cams, gallery_cams)
-  pos_idx, num_pos = positive_table(q_ids, q_cams, g_ids, g_cams, camera_rule)
-  valid = num_pos > 0
-  result = _counts(len(q_ids), valid, top_k)
-  if not valid.any():
-    return _without_valid_queries(result, max_rank)
+  q_masks, g_masks = _cell_masks(cells, len(q_ids), len(g_ids))
+  # [atoms, cells]: which cells hold each atom; [G]: each gallery item's atom.
+  atom_cells, g_atoms = np.unique(g_masks.T, axis=0, return_inverse=True)
+  g_atoms = g_atoms.reshape(-1).astype(np.int32)
+  pos_idx, num_pos = positive_table(q_ids, q_cams, g_ids, g_cams, options["camera_rule"])
+  # Per query [m, P, atoms]: kept items of each atom before each positive (m = 1), then, in the
+  # truncated mode, all items (m = 2). Zero for the queries no cell can use.
+  counts = np.zeros((len(q_ids), 1 + (top_k is not None)) + pos_idx.shape[1:] +
+                    (len(atom_cells),), np.int32)
+  needed = q_masks.any(axis=0) & (num_pos > 0)
+  if needed.any():
+    counts[needed] = _positive_counts_of_job(
+        query_feats[needed], gallery_feats, q_ids[needed], q_cams[needed], g_ids, g_cams,
+        pos_idx[needed], num_pos[needed], g_atoms, len(atom_cells), truncated=top_k is not None,
+        **options)
+  # Each positive's atom; the slots past a query's positives get one more atom, in no cell.
+  used = np.arange(pos_idx.shape[1])[None, :] < num_pos[:, None]
+  pos_atoms = np.full(pos_idx.shape, len(atom_cells))
+  pos_atoms[used] = g_atoms[pos_idx[used]]
+  results = []
+  for q_mask, atoms_in_cell in zip(q_masks, atom_cells.T):
+    rows = np.flatnonzero(q_mask)
+    per_query = _cell_metrics(counts[rows], pos_atoms[rows], atoms_in_cell, top_k)
+    results.append(_summary(len(rows), *per_query, max_rank=max_rank, top_k=top_k))
+  return results
 
-  ap, inp, first_rank = (x[valid] for x in _per_query_metrics_of_job(
-      query_feats, gallery_feats, q_ids, q_cams, g_ids, g_cams, pos_idx, num_pos,
-      camera_rule=camera_rule, normalize=bool(normalize), top_k=top_k, devices=devices,
-      chunk_size=chunk_size, memory_budget_bytes=memory_budget_bytes))
-  # Means in float64 on the host.
-  cmc = (first_rank[:, None] <= np.arange(1, max_rank + 1)[None, :]).mean(axis=0)
-  return {**result, "mAP": float(np.mean(ap, dtype=np.float64)),
-          "mINP": float(np.mean(inp, dtype=np.float64)), "cmc": cmc}
+
+def _cell_masks(cells, num_queries, num_gallery):
+  """The cells' masks as bool arrays [cells, Q] and [cells, G], or a ValueError."""
+  masks = ([], [])
+  for number, cell in enumerate(cells):
+    if len(cell) != 2:
+      raise ValueError(f"cell {number} must be a (query mask, gallery mask) pair")
+    for side, mask, size, out in zip(("query", "gallery"), cell, (num_queries, num_gallery),
+                                     masks):
+      mask = np.ones(size, bool) if mask is None else np.asarray(mask)
+      if mask.dtype != bool or mask.shape != (size,):
+        raise ValueError(f"cell {number}: the {side} mask must be a bool array of shape "
+                         f"({size},), got {mask.dtype} {mask.shape}")
+      out.append(mask)
+  if not masks[0]:
+    raise ValueError("no cells to evaluate")
+  return np.stack(masks[0]), np.stack(masks[1])
+
+
+def _cell_metrics(counts, pos_atoms, atoms_in_cell, top_k):
+  """(AP, INP, first-hit rank) of a cell's valid queries, in query order.
+
+  counts [n, m, P, atoms] and pos_atoms [n, P] of the cell's queries over the whole gallery;
+  atoms_in_cell [atoms] bool.
+  """
+  in_cell = np.append(atoms_in_cell, False)[pos_atoms]
+  before = counts @ atoms_in_cell.astype(np.int32)                    # [n, m, P]
+  ranks = np.sort(np.where(in_cell, before[:, 0] + 1, _NO_RANK), axis=1)
+  cell_pos = in_cell.sum(axis=1)
+  if top_k is None:
+    retrieved = cell_pos
+  else:
+    # Positives sit in the same order among all items as among kept ones, so those within the k
+    # nearest of the cell's whole gallery are the first ones by rank.
+    retrieved = np.sum(in_cell & (before[:, 1] < top_k), axis=1)
+  valid = cell_pos > 0
+  return _query_metrics(ranks[valid], cell_pos[valid], retrieved[valid])
+
+
+def _query_metrics(ranks, num_pos, retrieved):
+  """Per query: AP, INP (float64) and first-hit rank from its positives' ascending ranks [n, P].
+
+  Only the `retrieved` best positives count (all of them in exact mode); AP still divides by all.
+  """
+  rows = np.arange(len(ranks))
+  hit_number = np.arange(1, ranks.shape[1] + 1)[None, :]
+  counted = hit_number <= retrieved[:, None]
+  # A running sum, left to right: the same value however many padding slots follow, so that a
+  # cell gets bit for bit what `evaluate` of its subsets does.
+  precision_sums = np.cumsum(np.where(counted, hit_number / ranks, 0.0), axis=1)
+  last = np.maximum(num_pos - 1, 0)
+  ap = precision_sums[rows, last] / np.maximum(num_pos, 1)
+  inp = np.where(retrieved >= num_pos, num_pos / ranks[rows, last], 0.0)
+  first_rank = np.where(retrieved > 0, ranks[:, 0], _NO_RANK)
+  return ap, inp, first_rank
 
 
 def _coded_labels(num_queries, num_gallery, query_ids, gallery_ids, query_cams, gallery_cams):
@@ -198,35 +307,30 @@ def _expected_inp(kept: np.ndarray, positives: np.ndarray) -> np.ndarray:
   return expected
 
 
-def _per_query_metrics_of_job(query_feats, gallery_feats, q_ids, q_cams, g_ids, g_cams, pos_idx,
-                              num_pos, *, devices, **options):
-  """(AP, INP, first-hit rank) of every query, in query order: in one process on `devices`, or
-  each process's share on its own devices and gathered."""
+def _positive_counts_of_job(query_feats, gallery_feats, q_ids, q_cams, g_ids, g_cams, pos_idx,
+                            num_pos, g_atoms, num_atoms, *, devices, **options):
+  """Counts [Q, m, P, atoms] of every query (see `evaluate_cells`), in query order: in one process
+  on `devices`, or each process's share on its own devices and gathered."""
   processes = jax.process_count()
   if devices is not None or processes == 1:
-    return _per_query_metrics(query_feats, gallery_feats, q_ids, q_cams, g_ids, g_cams, pos_idx,
-                              num_pos, devices=devices or jax.local_devices(), **options)
-  dtypes = (np.float32, np.float32, np.int32)
+    return _positive_counts(query_feats, gallery_feats, q_ids, q_cams, g_ids, g_cams, pos_idx,
+                            num_pos, g_atoms, num_atoms, devices=devices or jax.local_devices(),
+                            **options)
   shares = _deal_to_processes(num_pos, processes)
   mine = shares[jax.process_index()]
-  if len(mine):
-    local = _per_query_metrics(query_feats[mine], gallery_feats, q_ids[mine], q_cams[mine],
-                               g_ids, g_cams, pos_idx[mine], num_pos[mine],
-                               devices=jax.local_devices(), **options)
-  else:  # fewer queries than processes
-    local = [np.empty(0, dtype) for dtype in dtypes]
-  # One int32 array per process, the fp32 values by their bits: a single exact gather per call,
-  # its width bucketed so that the cells of a protocol matrix share a few compilations.
-  packed = np.zeros((3, _bucketed(len(shares[0]), 8)), np.int32)
-  for row, (values, dtype) in enumerate(zip(local, dtypes)):
-    packed[row, :len(mine)] = np.asarray(values, dtype).view(np.int32)
+  # One exact int32 gather per call, its width bucketed so that similar jobs share a compilation.
+  packed = np.zeros((_bucketed(len(shares[0]), 8), 1 + options["truncated"]) + pos_idx.shape[1:]
+                    + (num_atoms,), np.int32)
+  if len(mine):  # else fewer queries than processes
+    packed[:len(mine)] = _positive_counts(
+        query_feats[mine], gallery_feats, q_ids[mine], q_cams[mine], g_ids, g_cams,
+        pos_idx[mine], num_pos[mine], g_atoms, num_atoms, devices=jax.local_devices(), **options)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  gathered = np.asarray(multihost_utils.process_allgather(packed))   # [processes, 3, width]
-  per_query = [np.empty(len(num_pos), dtype) for dtype in dtypes]
+  gathered = np.asarray(multihost_utils.process_allgather(packed))   # [processes, width, …]
+  counts = np.empty((len(num_pos),) + packed.shape[1:], np.int32)
   for process, share in enumerate(shares):
-    for row, values in enumerate(per_query):
-      values[share] = gathered[process, row, :len(share)].view(values.dtype)
-  return per_query
+    counts[share] = gathered[process, :len(share)]
+  return counts
 
 
 def _deal_to_processes(num_pos: np.ndarray, processes: int) -> list[np.ndarray]:
@@ -236,15 +340,16 @@ def _deal_to_processes(num_pos: np.ndarray, processes: int) -> list[np.ndarray]:
   return [np.sort(order[p::processes]) for p in range(processes)]
 
 
-def _per_query_metrics(query_feats, gallery_feats, q_ids, q_cams, g_ids, g_cams, pos_idx, num_pos,
-                       *, camera_rule, normalize, top_k, devices, chunk_size, memory_budget_bytes):
-  """(AP, INP, first-hit rank) of every query, in query order, computed on `devices` (this
+def _positive_counts(query_feats, gallery_feats, q_ids, q_cams, g_ids, g_cams, pos_idx, num_pos,
+                     g_atoms, num_atoms, *, camera_rule, normalize, truncated, devices, chunk_size,
+                     memory_budget_bytes):
+  """Counts [Q, m, P, atoms] of every query, in query order, computed on `devices` (this
   process's: a result spanning other hosts' devices could not be fetched)."""
   devices = list(devices)
   mesh = jax.make_mesh((len(devices),), (_QUERY_AXIS,), devices=devices)
   num_devices = mesh.devices.size
-  gallery_size = _bucketed(len(gallery_feats), _FOLD)
-  chunk = _chunk_size(_ceil_div(len(query_feats), num_devices), gallery_size, chunk_size,
+  at_item, position, column_atoms = _gallery_layout(g_atoms, num_atoms)
+  chunk = _chunk_size(_ceil_div(len(query_feats), num_devices), len(at_item), chunk_size,
                       memory_budget_bytes)
   layout = _deal_queries(num_pos, num_devices, chunk)
   real = layout >= 0
@@ -256,30 +361,56 @@ def _per_query_metrics(query_feats, gallery_feats, q_ids, q_cams, g_ids, g_cams,
     values[~real] = 0
     return jax.device_put(values.reshape((-1,) + values.shape[2:]), sharded)
 
-  def padded_gallery(values, pad_value=0):
-    pad = [(0, gallery_size - len(values))] + [(0, 0)] * (values.ndim - 1)
-    return jax.device_put(np.pad(values, pad, constant_values=pad_value), replicated)
+  def gallery_laid_out(values, pad_value=0):
+    values = values[np.maximum(at_item, 0)]
+    values[at_item < 0] = pad_value
+    return jax.device_put(values, replicated)
 
-  queries = [laid_out(x) for x in (query_feats, q_ids, q_cams, pos_idx, num_pos)]
+  # Positives by their place in the device's gallery.
+  queries = [laid_out(x) for x in (query_feats, q_ids, q_cams, position[pos_idx], num_pos)]
   # Padding items get id −1, never kept. The index is an input, not an iota: XLA:CPU computes an
   # iota folded as in `_count_closer` with slow integer arithmetic but reads an array at full speed.
-  gallery = [_augmented_gallery(padded_gallery(gallery_feats), normalize),
-             padded_gallery(g_ids, -1), padded_gallery(g_cams),
-             padded_gallery(np.arange(len(g_ids), dtype=np.int32))]
-  step_metrics = _step_metrics(mesh, camera_rule, normalize, top_k, chunk)
+  gallery = [_augmented_gallery(gallery_laid_out(gallery_feats), normalize),
+             gallery_laid_out(g_ids, -1), gallery_laid_out(g_cams),
+             gallery_laid_out(np.arange(len(g_ids), dtype=np.int32)),
+             jax.device_put(column_atoms, replicated)]
+  step_counts = _step_counts(mesh, camera_rule, normalize, truncated, chunk)
   # A host loop over chunks rather than a loop inside the jit: XLA:CPU runs the fusions of a loop
   # body on one thread. Dispatch is asynchronous, so the steps still run back to back.
   num_steps = layout.shape[1] // chunk
-  per_step = jax.device_get([step_metrics(np.int32(step), *queries, *gallery)
-                             for step in range(num_steps)])
-  per_query = []
-  for per_slot in zip(*per_step):
-    # [steps][devices · chunk] → [devices, steps · chunk], the layout's shape.
-    per_slot = np.stack(per_slot).reshape(num_steps, num_devices, chunk).transpose(1, 0, 2)
-    values = np.empty(len(query_feats), per_slot.dtype)
-    values[layout[real]] = per_slot.reshape(num_devices, -1)[real]
-    per_query.append(values)
-  return per_query
+  per_step = np.stack(jax.device_get([step_counts(np.int32(step), *queries, *gallery)
+                                      for step in range(num_steps)]))
+  # [steps, devices · chunk, …] → [devices, steps · chunk, …], the layout's shape.
+  rest = per_step.shape[2:]
+  per_slot = per_step.reshape((num_steps, num_devices, chunk) + rest).swapaxes(0, 1)
+  counts = np.empty((len(query_feats),) + rest, np.int32)
+  counts[layout[real]] = per_slot.reshape((num_devices, -1) + rest)[real]
+  return counts
+
+
+def _gallery_layout(g_atoms, num_atoms):
+  """The device's gallery order: the item at each place (−1: padding), each item's place, and the
+  one-hot atom [columns, atoms] of each fold column.
+
+  `_count_closer` first sums each fold column (places j, j + C, j + 2C, … of C = size / _FOLD),
+  then adds up the columns with one dot; columns that each hold one atom let that dot count per
+  atom. So the items are grouped by atom (in gallery order within one), each atom padded to whole
+  columns, and laid column by column. The size is bucketed (few compilations).
+  """
+  columns_per_atom = -(-np.bincount(g_atoms, minlength=num_atoms) // _FOLD)
+  num_columns = _bucketed(int(columns_per_atom.sum()) * _FOLD, _FOLD) // _FOLD
+  order = np.argsort(g_atoms, kind="stable")
+  first_slot = _FOLD * (np.cumsum(columns_per_atom) - columns_per_atom)
+  first_of_atom = np.searchsorted(g_atoms[order], np.arange(num_atoms))
+  slot = first_slot[g_atoms[order]] + np.arange(len(order)) - first_of_atom[g_atoms[order]]
+  position = np.empty(len(order), np.int64)
+  position[order] = slot % _FOLD * num_columns + slot // _FOLD
+  at_item = np.full(num_columns * _FOLD, -1, np.int64)
+  at_item[position] = np.arange(len(order))
+  column_atoms = np.zeros((num_columns, num_atoms), np.float32)
+  column_atoms[np.arange(columns_per_atom.sum()), np.repeat(np.arange(num_atoms),
+                                                            columns_per_atom)] = 1
+  return at_item, position.astype(np.int32), column_atoms
 
 
 def positive_table(q_ids: np.ndarray, q_cams: np.ndarray, g_ids: np.ndarray, g_cams: np.ndarray,
@@ -366,21 +497,21 @@ def _augmented_gallery(g_feats, normalize):
 
 
 @functools.lru_cache(maxsize=64)
-def _step_metrics(mesh, camera_rule, normalize, top_k, chunk):
-  """Jitted (step, queries…, gallery…) → per-query (AP, INP, first-hit rank) of chunk `step`."""
+def _step_counts(mesh, camera_rule, normalize, truncated, chunk):
+  """Jitted (step, queries…, gallery…) → per-query counts [chunk, m, P, atoms] of chunk `step`."""
   body = functools.partial(_device_step, camera_rule=camera_rule, normalize=normalize,
-                           top_k=top_k, chunk=chunk)
+                           truncated=truncated, chunk=chunk)
   queries, replicated = PartitionSpec(_QUERY_AXIS), PartitionSpec()
   return jax.jit(jax.shard_map(
-      body, mesh=mesh, in_specs=(replicated,) + (queries,) * 5 + (replicated,) * 4,
-      out_specs=(queries,) * 3))
+      body, mesh=mesh, in_specs=(replicated,) + (queries,) * 5 + (replicated,) * 5,
+      out_specs=queries))
 
 
-def _device_step(step, *queries_then_gallery, camera_rule, normalize, top_k, chunk):
+def _device_step(step, *queries_then_gallery, camera_rule, normalize, truncated, chunk):
   queries, gallery = queries_then_gallery[:5], queries_then_gallery[5:]
   this_chunk = [lax.dynamic_slice_in_dim(x, step * chunk, chunk) for x in queries]
-  return _chunk_metrics(*this_chunk, gallery, camera_rule=camera_rule, normalize=normalize,
-                        top_k=top_k)
+  return _chunk_counts(*this_chunk, gallery, camera_rule=camera_rule, normalize=normalize,
+                       truncated=truncated)
 
 
 def _prepared(feats, normalize):
@@ -388,9 +519,11 @@ def _prepared(feats, normalize):
   return l2_normalize(feats) if normalize else feats
 
 
-def _chunk_metrics(q_feats, q_ids, q_cams, pos_idx, num_pos, gallery, *, camera_rule, normalize,
-                   top_k):
-  g_augmented, g_ids, g_cams, g_index = gallery
+def _chunk_counts(q_feats, q_ids, q_cams, pos_at, num_pos, gallery, *, camera_rule, normalize,
+                  truncated):
+  """Per query and positive, the kept items of each atom ranked before it; in the truncated mode
+  also all items of each atom (the top k are retrieved before camera removal)."""
+  g_augmented, g_ids, g_cams, g_index, column_atoms = gallery
   g_real = g_ids >= 0
   q_feats = _prepared(q_feats, normalize)
   q_sq_norms = jnp.sum(jnp.square(q_feats), axis=1, keepdims=True)
@@ -399,54 +532,52 @@ def _chunk_metrics(q_feats, q_ids, q_cams, pos_idx, num_pos, gallery, *, camera_
   dist = jnp.dot(q_augmented, g_augmented.T, precision=lax.Precision.HIGHEST)
   kept = g_real & kept_by_camera_rule(camera_rule, q_ids[:, None] == g_ids[None, :],
                                       q_cams[:, None] == g_cams[None, :])
-  ranks = _positive_ranks(jnp.where(kept, dist, jnp.inf), g_index, pos_idx, num_pos)
-  if top_k is None:
-    retrieved = num_pos
-  else:
-    # Positives sit in the same order among all items as among kept ones, so those within the k
-    # nearest of the whole gallery are the first ones by rank.
-    ranks_in_all = _positive_ranks(jnp.where(g_real, dist, jnp.inf), g_index, pos_idx, num_pos)
-    retrieved = jnp.sum(ranks_in_all <= top_k, axis=1)
-  return _query_metrics(ranks, num_pos, retrieved)
+  counted = [kept, g_real] if truncated else [kept]
+  return jnp.stack([_counts_before_positives(jnp.where(items, dist, jnp.inf), g_index,
+                                             column_atoms, pos_at, num_pos)
+                    for items in counted], axis=1)
 
 
-def _positive_ranks(dist, gallery_index, pos_idx, num_pos):
-  """1-based rank of each positive among the finite distances of its row; padding: _NO_RANK."""
-  used = jnp.arange(pos_idx.shape[1])[None, :] < num_pos[:, None]
-  pos_dist = jnp.take_along_axis(dist, pos_idx, axis=1)
+def _counts_before_positives(dist, gallery_index, column_atoms, pos_at, num_pos):
+  """[c, P, atoms]: the items of finite distance in each atom ranked before each positive."""
+  pos_dist = jnp.take_along_axis(dist, pos_at, axis=1)
+  pos_index = gallery_index[pos_at]
   most = jnp.max(num_pos)
   blocks = []
-  for start in range(0, pos_idx.shape[1], _POSITIVE_BLOCK):
+  for start in range(0, pos_at.shape[1], _POSITIVE_BLOCK):
     block = slice(start, start + _POSITIVE_BLOCK)
     # Queries of a chunk have similar positive counts (`_deal_queries`): skip the blocks none of
     # them uses. A `cond`, unlike a loop, keeps its fusions multi-threaded on XLA:CPU.
     blocks.append(lax.cond(
         start < most,
-        lambda block=block: _count_closer(dist, gallery_index, pos_dist[:, block],
-                                          pos_idx[:, block]),
-        lambda block=block: jnp.zeros_like(pos_idx[:, block])))
-  return jnp.where(used, jnp.concatenate(blocks, axis=1) + 1, _NO_RANK)
+        lambda block=block: _count_closer(dist, gallery_index, column_atoms, pos_dist[:, block],
+                                          pos_index[:, block]),
+        # zeros_like: the zeros must vary over the query axis as the counts do.
+        lambda block=block: jnp.zeros_like(pos_index[:, block, None])
+        + jnp.zeros(column_atoms.shape[1], jnp.int32)))
+  return jnp.concatenate(blocks, axis=1)
 
 
-def _count_closer(dist, gallery_index, pos_dist, pos_idx):
-  """For each positive, the number of row items ranked before it: closer, or as close and earlier.
+def _count_closer(dist, gallery_index, column_atoms, pos_dist, pos_index):
+  """For each positive, the number of row items of each atom ranked before it: closer, or as
+  close and earlier in the gallery.
 
-  dist [c, G] (G a multiple of _FOLD), gallery_index [G]; pos_dist, pos_idx [c, B] → int32 [c, B].
+  dist [c, G] (G a multiple of _FOLD), gallery_index [G], column_atoms [G / _FOLD, atoms];
+  pos_dist, pos_index [c, B] → int32 [c, B, atoms].
 
   Item (d, i) precedes positive (t, j) iff d < t, or d == t and i < j; for i < j that is
   d < next_float_above(t), so one comparison per pair against a per-pair threshold decides.
   A direct count over the gallery axis compiles to scalar code on XLA:CPU (~1 ns per pair). Here
   one fused pass folds each run of _FOLD gallery items into a partial count (a short non-minor
-  reduction, which vectorises: ~0.05 ns per pair), and an fp32 dot sums the partials.
+  reduction, which vectorises: ~0.05 ns per pair), and an fp32 dot sums each atom's partials.
   """
   c, g = dist.shape
   fold = lambda x: x.reshape(x.shape[:-1] + (_FOLD, g // _FOLD))
   at_pos = pos_dist[:, :, None, None]
-  threshold = jnp.where(fold(gallery_index)[None, None] < pos_idx[:, :, None, None],
+  threshold = jnp.where(fold(gallery_index)[None, None] < pos_index[:, :, None, None],
                         _next_float_above(at_pos), at_pos)
   partial = jnp.sum(fold(dist)[:, None] < threshold, axis=2, dtype=jnp.int32)
-  ones = jnp.ones((g // _FOLD,), jnp.float32)
-  return jnp.dot(partial.astype(jnp.float32), ones,
+  return jnp.dot(partial.astype(jnp.float32), column_atoms,
                  precision=lax.Precision.HIGHEST).astype(jnp.int32)
 
 
@@ -454,22 +585,6 @@ def _next_float_above(x):
   # XLA:CPU (and TPUs) treat subnormal operands as zero, so the float after 0 must be the smallest
   # normal one; every other float's successor is normal or compares as intended.
   return jnp.where(x == 0, jnp.finfo(jnp.float32).tiny, jnp.nextafter(x, jnp.inf))
-
-
-def _query_metrics(ranks, num_pos, retrieved):
-  """Per query: AP, INP and first-hit rank from its positives' ranks.
-
-  Only the `retrieved` best positives count (all of them in exact mode); AP still divides by all.
-  """
-  ranks = jnp.sort(ranks, axis=1)
-  hit_number = jnp.arange(1, ranks.shape[1] + 1)[None, :]
-  counted = hit_number <= retrieved[:, None]
-  denominator = jnp.maximum(num_pos, 1).astype(jnp.float32)
-  ap = jnp.sum(jnp.where(counted, hit_number / ranks, 0.0), axis=1) / denominator
-  hardest = jnp.take_along_axis(ranks, jnp.maximum(num_pos - 1, 0)[:, None], axis=1)[:, 0]
-  inp = jnp.where(retrieved >= num_pos, num_pos / hardest, 0.0)
-  first_rank = jnp.where(retrieved > 0, ranks[:, 0], _NO_RANK)
-  return ap.astype(jnp.float32), inp.astype(jnp.float32), first_rank
 
 
 def checked_features(query_feats, gallery_feats, *, non_empty: bool = False):
@@ -593,11 +708,16 @@ def _positive_ranks_of_row(dist, kept, positives):
 
 def summarize_per_query(num_queries: int, ap, inp, first_rank, *, max_rank: int = 50) -> dict:
   """`evaluate`'s result from the per-query values of its valid queries (in any order)."""
+  return _summary(num_queries, ap, inp, first_rank, max_rank=max_rank, top_k=None)
+
+
+def _summary(num_queries: int, ap, inp, first_rank, *, max_rank: int, top_k) -> dict:
   ap, inp, first_rank = (np.asarray(x) for x in (ap, inp, first_rank))
   result = {"num_queries": int(num_queries), "num_valid_queries": len(ap),
-            "truncated_top_k": None}
+            "truncated_top_k": top_k}
   if not len(ap):
     return _without_valid_queries(result, max_rank)
+  # Means in float64 on the host.
   cmc = (first_rank[:, None] <= np.arange(1, max_rank + 1)[None, :]).mean(axis=0)
   return {**result, "mAP": float(np.mean(ap, dtype=np.float64)),
           "mINP": float(np.mean(inp, dtype=np.float64)), "cmc": cmc}

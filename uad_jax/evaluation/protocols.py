@@ -1,4 +1,4 @@
-"""The WHU-MARS evaluation protocols (spec §7), each cell one `metrics.evaluate` call.
+"""The WHU-MARS evaluation protocols (spec §7): every cell is `metrics.evaluate` on its subsets.
 
 - AS-ReID: every query against the whole mixed gallery.
 - modality: the 3×3 query-modality × gallery-modality matrix, each cell on its own sub-gallery.
@@ -7,8 +7,9 @@
 - scenario: the 6×6 matrix over (modality, viewpoint) scenarios.
 
 All cells use the same camera rule. With `top_k` every cell uses the reference's truncated mode,
-and the results say so. The cells of a matrix split the query × gallery pairs, so a matrix costs
-about one AS-ReID evaluation. `evaluate_protocols_reranked` gives the same cells on k-reciprocal
+and the results say so. `metrics.evaluate_cells` computes them all in one pass over the gallery
+(each cell's gallery is a union of scenarios), so the whole report costs about one AS-ReID
+evaluation and one compilation. `evaluate_protocols_reranked` gives the same cells on k-reciprocal
 re-ranked distances (`reranking`).
 """
 import dataclasses
@@ -83,18 +84,18 @@ def evaluate_protocols(query: RetrievalSide, gallery: RetrievalSide, *, camera_r
   """Metrics of every protocol cell.
 
   Returns {"camera_rule", "truncated_top_k", "protocols": {protocol: {cell: metrics}}} where a
-  cell's metrics are those of `metrics.evaluate` plus "num_gallery". `evaluate_kwargs` go to
-  every `evaluate` call (normalize, devices, chunk_size, memory_budget_bytes).
+  cell's metrics are those of `metrics.evaluate` plus "num_gallery". `evaluate_kwargs` are
+  `evaluate`'s other options (normalize, devices, chunk_size, memory_budget_bytes).
   """
+  cells = [(protocol, name, masks) for protocol, named in protocol_cells(query, gallery).items()
+           for name, masks in named.items()]
+  results = metrics.evaluate_cells(
+      query.feats, gallery.feats, query.ids, gallery.ids, query.cams, gallery.cams,
+      [masks for _, _, masks in cells], camera_rule=camera_rule, top_k=top_k, max_rank=max_rank,
+      **evaluate_kwargs)
   protocols = {}
-  for protocol, cells in protocol_cells(query, gallery).items():
-    protocols[protocol] = {}
-    for name, (query_mask, gallery_mask) in cells.items():
-      q, g = query.subset(query_mask), gallery.subset(gallery_mask)
-      cell = metrics.evaluate(q.feats, g.feats, q.ids, g.ids, q.cams, g.cams,
-                              camera_rule=camera_rule, top_k=top_k, max_rank=max_rank,
-                              **evaluate_kwargs)
-      protocols[protocol][name] = {**cell, "num_gallery": len(g.feats)}
+  for (protocol, name, (_, gallery_mask)), cell in zip(cells, results):
+    protocols.setdefault(protocol, {})[name] = {**cell, "num_gallery": int(gallery_mask.sum())}
   protocols["cross_spectral"] = {name: cell for name, cell in protocols["modality"].items()
                                  if len(set(name.split(ARROW))) == 2}
   return {"camera_rule": camera_rule, "truncated_top_k": top_k, "protocols": protocols}

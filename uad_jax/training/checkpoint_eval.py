@@ -123,4 +123,3 @@ def load_for_inference(workdir: str, which: str = "latest") -> InferenceModel:
   return InferenceModel(config, state.model, {"params": state.params,
                                               "batch_stats": state.batch_stats},
                         mesh, step, workdir)
-
