@@ -65,9 +65,8 @@ def make_batch(c, num_classes, rng):
   return {"images": images, "labels": labels}
 
 
-def time_jax_step(args, num_classes):
-  """Seconds per step (after compilation) and the compile time."""
-  c = make_config(args, num_classes)
+def time_jax_step(c, num_classes, steps, warmup=1):
+  """Seconds per step (after the first, compiling, step and warmup − 1 more) and the first's."""
   mesh = sharding.make_mesh(c.mesh, jax.devices()[:math.prod(size for _, size in c.mesh)])
   state, shardings = train_state.create_train_state(c, num_classes, 100, mesh, log=None)
   step = train_step.jit_train_step(shardings, mesh)
@@ -79,19 +78,23 @@ def time_jax_step(args, num_classes):
     state, metrics = step(state, batches[0])
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for i in range(args.steps):
+    for i in range(1, warmup):
       state, metrics = step(state, batches[i % 2])
     jax.block_until_ready(metrics)
-  return (time.perf_counter() - start) / args.steps, compile_s, c
+    start = time.perf_counter()
+    for i in range(steps):
+      state, metrics = step(state, batches[i % 2])
+    jax.block_until_ready(metrics)
+  return (time.perf_counter() - start) / steps, compile_s
 
 
-def time_torch_step(args, c, num_classes, autocast_bf16):
+def time_torch_step(c, num_classes, steps, autocast_bf16, device="cpu", warmup=1):
+  """Seconds per step of the PyTorch peer on ``device`` ("cpu" or "cuda"), after warm-up."""
   import torch
   import torch.nn.functional as F
   from uad_jax.testing import timm_peer
   timm = timm_peer.import_timm()
-  s = vit.parse_variant(args.variant)
+  s = vit.parse_variant(c.model.variant)
   backbone = timm.models.vision_transformer.VisionTransformer(
       img_size=tuple(c.model.image_size), patch_size=s.patch, embed_dim=s.width, depth=s.depth,
       num_heads=s.heads, mlp_ratio=s.mlp_dim / s.width, qkv_bias=True, num_classes=0,
@@ -99,13 +102,17 @@ def time_torch_step(args, c, num_classes, autocast_bf16):
   bnneck = torch.nn.BatchNorm1d(s.width)
   bnneck.bias.requires_grad_(False)
   classifier = torch.nn.Linear(s.width, num_classes, bias=False)
-  memory = F.normalize(torch.randn(num_classes, s.width), dim=1)
+  for module in (backbone, bnneck, classifier):
+    module.to(device)
+  memory = F.normalize(torch.randn(num_classes, s.width, device=device), dim=1)
   params = [p for m in (backbone, bnneck, classifier) for p in m.parameters() if p.requires_grad]
   opt = torch.optim.SGD(params, lr=0.008, momentum=0.9, weight_decay=1e-4)
   m_, p_, k_ = c.sampler.modalities, c.sampler.identities, c.sampler.instances
   batch = make_batch(c, num_classes, np.random.RandomState(0))
-  images = torch.from_numpy(batch["images"].transpose(0, 3, 1, 2).copy())
-  labels = torch.from_numpy(batch["labels"]).long()
+  images = torch.from_numpy(batch["images"].transpose(0, 3, 1, 2).copy()).to(device)
+  labels = torch.from_numpy(batch["labels"]).long().to(device)
+  # CUDA runs asynchronously: the clock stops only when the queued steps are done.
+  sync = torch.cuda.synchronize if device == "cuda" else lambda: None
 
   def losses(feat, logits):
     feat = feat.float()
@@ -128,18 +135,21 @@ def time_torch_step(args, c, num_classes, autocast_bf16):
 
   def step():
     opt.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast_bf16):
       feat = backbone(images)
       logits = classifier(bnneck(feat.float()))
     losses(feat, logits).backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
 
-  step()
-  start = time.perf_counter()
-  for _ in range(args.steps):
+  for _ in range(warmup):
     step()
-  return (time.perf_counter() - start) / args.steps
+  sync()
+  start = time.perf_counter()
+  for _ in range(steps):
+    step()
+  sync()
+  return (time.perf_counter() - start) / steps
 
 
 def main():
@@ -158,7 +168,8 @@ def main():
   parser.add_argument("--no-peer", action="store_true")
   args = parser.parse_args()
 
-  seconds, compile_s, c = time_jax_step(args, args.num_classes)
+  c = make_config(args, args.num_classes)
+  seconds, compile_s = time_jax_step(c, args.num_classes, args.steps)
   n = c.num_replicas * c.sampler.modalities * c.sampler.identities * c.sampler.instances
   flops = flops_per_image(args.variant, c.model.image_size, args.num_classes) * n
   print(f"# UAD step, ViT-{args.variant} {c.model.image_size[0]}x{c.model.image_size[1]}, "
@@ -173,14 +184,14 @@ def main():
       import torch
       torch.set_num_threads(os.cpu_count())
       for name, bf16 in [("torch fp32", False), ("torch bf16-autocast", True)]:
-        peer = n / time_torch_step(args, c, args.num_classes, bf16)
+        peer = n / time_torch_step(c, args.num_classes, args.steps, bf16)
         print(f"{name:19s} {peer:7.2f} img/s   ratio jax/{name}: {ours / peer:.2f}x", flush=True)
     except ImportError:
       print("torch/timm not installed: no peer numbers")
   if args.sweep:
     print("# step time vs identity count (classifier + GPD memory)")
     for num_classes in (10**3, 10**4, 10**5, 10**6):
-      seconds, _, _ = time_jax_step(args, num_classes)
+      seconds, _ = time_jax_step(make_config(args, num_classes), num_classes, args.steps)
       print(f"{num_classes:>9,d} ids: {seconds:7.3f} s/step  {n / seconds:7.2f} img/s", flush=True)
 
 

@@ -370,7 +370,14 @@ def _positive_counts(query_feats, gallery_feats, q_ids, q_cams, g_ids, g_cams, p
   queries = [laid_out(x) for x in (query_feats, q_ids, q_cams, position[pos_idx], num_pos)]
   # Padding items get id −1, never kept. The index is an input, not an iota: XLA:CPU computes an
   # iota folded as in `_count_closer` with slow integer arithmetic but reads an array at full speed.
-  gallery = [_augmented_gallery(gallery_laid_out(gallery_feats), normalize),
+  # The distances come from one dot over the gallery in its own order (padded as `evaluate` pads
+  # it) and are then gathered into the device's order: XLA's dot rounds an element differently
+  # with the other columns beside it, and a cell must see the distances of the whole evaluation,
+  # whatever its atoms, or 1-ulp near-ties flip between the report and `evaluate`.
+  padded_size = _bucketed(len(gallery_feats), _FOLD)
+  in_order = np.pad(gallery_feats, [(0, padded_size - len(gallery_feats)), (0, 0)])
+  gallery = [_augmented_gallery(jax.device_put(in_order, replicated), normalize),
+             jax.device_put(np.maximum(at_item, 0).astype(np.int32), replicated),
              gallery_laid_out(g_ids, -1), gallery_laid_out(g_cams),
              gallery_laid_out(np.arange(len(g_ids), dtype=np.int32)),
              jax.device_put(column_atoms, replicated)]
@@ -503,7 +510,7 @@ def _step_counts(mesh, camera_rule, normalize, truncated, chunk):
                            truncated=truncated, chunk=chunk)
   queries, replicated = PartitionSpec(_QUERY_AXIS), PartitionSpec()
   return jax.jit(jax.shard_map(
-      body, mesh=mesh, in_specs=(replicated,) + (queries,) * 5 + (replicated,) * 5,
+      body, mesh=mesh, in_specs=(replicated,) + (queries,) * 5 + (replicated,) * 6,
       out_specs=queries))
 
 
@@ -523,13 +530,13 @@ def _chunk_counts(q_feats, q_ids, q_cams, pos_at, num_pos, gallery, *, camera_ru
                   truncated):
   """Per query and positive, the kept items of each atom ranked before it; in the truncated mode
   also all items of each atom (the top k are retrieved before camera removal)."""
-  g_augmented, g_ids, g_cams, g_index, column_atoms = gallery
+  g_augmented, g_order, g_ids, g_cams, g_index, column_atoms = gallery
   g_real = g_ids >= 0
   q_feats = _prepared(q_feats, normalize)
   q_sq_norms = jnp.sum(jnp.square(q_feats), axis=1, keepdims=True)
   q_augmented = jnp.concatenate([q_feats, jnp.ones_like(q_sq_norms), q_sq_norms], axis=1)
   # HIGHEST: TPUs otherwise run fp32 dots in bf16 passes.
-  dist = jnp.dot(q_augmented, g_augmented.T, precision=lax.Precision.HIGHEST)
+  dist = jnp.dot(q_augmented, g_augmented.T, precision=lax.Precision.HIGHEST)[:, g_order]
   kept = g_real & kept_by_camera_rule(camera_rule, q_ids[:, None] == g_ids[None, :],
                                       q_cams[:, None] == g_cams[None, :])
   counted = [kept, g_real] if truncated else [kept]
