@@ -19,6 +19,7 @@ known) and figures: ``rank_lists_chosen.png`` (``--show``), ``rank_lists_sample.
 of the queries in the figures.
 """
 import csv
+import functools
 import io
 import os
 
@@ -114,9 +115,13 @@ def _features(source: str, split: str, log) -> features_file.FeatureSet:
               else common_flags.CONFIG.value)
     folder = prepare.raw_split_folder(config, split)
   images = model_source.scan(folder)
-  if not hasattr(_features, "embedder"):
-    _features.embedder = model_source.Embedder()
-  return _features.embedder.embed(images, log)
+  return _embedder().embed(images, log)
+
+
+@functools.cache
+def _embedder() -> model_source.Embedder:
+  """The model, loaded once, and only if a side is a folder."""
+  return model_source.Embedder()
 
 
 def _chosen_rows(query: features_file.FeatureSet, names) -> np.ndarray:
