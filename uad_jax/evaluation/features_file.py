@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from uad_jax.evaluation import protocols, report
+from uad_jax.evaluation import report
 
 FORMAT = "uad-jax features"
 VERSION = 1
@@ -52,25 +52,6 @@ class FeatureSet:
 
   def file(self, index: int) -> str:
     return os.path.join(self.root, self.paths[index])
-
-  @property
-  def fully_labelled(self) -> bool:
-    """Whether every image has an identity, camera, modality and viewpoint (the evaluation's
-    protocols need them all)."""
-    return all((getattr(self, name) != UNKNOWN).all() for name in _LABELS)
-
-  def retrieval_side(self) -> protocols.RetrievalSide:
-    if not self.fully_labelled:
-      raise ValueError(f"images under {self.root} lack identity, camera, modality or viewpoint "
-                       "labels (file names and folders not in the WHU-MARS layout)")
-    return protocols.RetrievalSide(self.feats, self.person_ids, self.cameras, self.modalities,
-                                   self.viewpoints)
-
-  def subset(self, rows: np.ndarray) -> "FeatureSet":
-    rows = np.asarray(rows)
-    return dataclasses.replace(
-        self, feats=self.feats[rows], paths=tuple(np.asarray(self.paths, dtype=object)[rows]),
-        **{name: getattr(self, name)[rows] for name in _LABELS})
 
 
 def write(features: FeatureSet, path: str, *, overwrite: bool = False) -> str:
