@@ -689,13 +689,25 @@ def per_query_metrics_of_distances(distances, query_ids, gallery_ids, query_cams
   ap, inp = np.full(num_rows, np.nan), np.full(num_rows, np.nan)
   first_rank = np.full(num_rows, _NO_RANK, np.int64)
   valid = positive.any(axis=1)
-  for row in np.flatnonzero(valid):
-    ranks = _positive_ranks_of_row(distances[row], kept[row], np.flatnonzero(positive[row]))
-    hits = np.arange(1, len(ranks) + 1)
-    ap[row] = np.mean(hits / ranks)
-    inp[row] = len(ranks) / ranks[-1]
-    first_rank[row] = ranks[0]
+  rows = np.flatnonzero(valid)
+  if len(rows):
+    ap[rows], inp[rows], first_rank[rows] = metrics_of_ranks(
+        [_positive_ranks_of_row(distances[row], kept[row], np.flatnonzero(positive[row]))
+         for row in rows])
   return valid, ap, inp, first_rank
+
+
+def metrics_of_ranks(rank_lists) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(AP, INP float64, first-hit rank) of queries from the ascending 1-based ranks of each one's
+  kept true matches (one non-empty array per query): `evaluate`'s statement, for rankings made
+  elsewhere (re-ranked distances, the search tool)."""
+  num_pos = np.array([len(ranks) for ranks in rank_lists], np.int64)
+  if (num_pos < 1).any():
+    raise ValueError("every query needs at least one ranked true match")
+  padded = np.full((len(rank_lists), max(num_pos, default=1)), _NO_RANK, np.int64)
+  for row, ranks in enumerate(rank_lists):
+    padded[row, :len(ranks)] = ranks
+  return _query_metrics(padded, num_pos, num_pos)
 
 
 def _positive_ranks_of_row(dist, kept, positives):

@@ -74,8 +74,9 @@ def rank(query: features_file.FeatureSet, gallery: features_file.FeatureSet, *, 
         ranks = np.flatnonzero(ranked_positive[row]) + 1
         match_ranks[start + row] = ranks
         match_rows[start + row] = order[row, ranks - 1]
-        if len(ranks):
-          ap[start + row] = np.mean(np.arange(1, len(ranks) + 1) / ranks)
+      with_match = [q for q in range(start, stop) if len(match_ranks[q])]
+      if with_match:
+        ap[with_match] = metrics.metrics_of_ranks([match_ranks[q] for q in with_match])[0]
   return Ranking(top_index, top_dist, labelled, ap, tuple(match_ranks), tuple(match_rows),
                  camera_rule,
                  None if rerank is None else dataclasses.asdict(rerank))
