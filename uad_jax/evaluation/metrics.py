@@ -27,6 +27,7 @@ its share on its own devices, and the per-query counts are gathered (`process_al
 every process gets every query's values and the same means as a single process would.
 """
 import functools
+import inspect
 import math
 from typing import Optional, Sequence
 
@@ -98,9 +99,10 @@ def evaluate(query_feats, gallery_feats, query_ids, gallery_ids, query_cams, gal
                         memory_budget_bytes=memory_budget_bytes)[0]
 
 
-_EVALUATE_DEFAULTS = {"camera_rule": "sysu", "max_rank": 50, "normalize": True, "top_k": None,
-                      "devices": None, "chunk_size": None,
-                      "memory_budget_bytes": DEFAULT_MEMORY_BUDGET_BYTES}
+# `evaluate`'s options and their defaults, read from its signature: one place states them.
+_EVALUATE_DEFAULTS = {name: parameter.default
+                      for name, parameter in inspect.signature(evaluate).parameters.items()
+                      if parameter.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def evaluate_cells(query_feats, gallery_feats, query_ids, gallery_ids, query_cams, gallery_cams,
