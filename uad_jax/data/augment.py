@@ -88,10 +88,15 @@ def check_image_size(image_size) -> tuple[int, int]:
   return height, width
 
 
-def test_transform(image: Image.Image, image_size=DEFAULT_IMAGE_SIZE) -> np.ndarray:
-  """Evaluation: bilinear resize to H×W and normalise; float32 [H, W, 3]."""
+def test_resize(image: Image.Image, image_size=DEFAULT_IMAGE_SIZE) -> np.ndarray:
+  """Evaluation's resize: bilinear to H×W; uint8 [H, W, 3] (what the exports and tools take)."""
   height, width = check_image_size(image_size)
-  return normalize(np.asarray(image.resize((width, height), Image.BILINEAR)))
+  return np.asarray(image.resize((width, height), Image.BILINEAR))
+
+
+def test_transform(image: Image.Image, image_size=DEFAULT_IMAGE_SIZE) -> np.ndarray:
+  """Evaluation: `test_resize`, then normalise; float32 [H, W, 3]."""
+  return normalize(test_resize(image, image_size))
 
 
 def flip_pad_crop(pixels: np.ndarray, rng: np.random.Generator, flip_prob: float = FLIP_PROB,

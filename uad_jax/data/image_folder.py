@@ -86,14 +86,14 @@ def scan(root, *, modality: str | None = None,
 
 def load_image(path: str, image_size) -> np.ndarray:
   """uint8 [H, W, 3]: the file decoded to RGB (grey images get three equal channels) and resized
-  bilinearly, as the evaluation's `augment.test_transform` does before it normalises."""
-  height, width = augment.check_image_size(image_size)
+  as the evaluation does (`augment.test_resize`, before it normalises)."""
+  augment.check_image_size(image_size)  # a bad size fails before any file is read
   try:
     with open(path, "rb") as f:
       image = augment.to_rgb_image(f.read())
   except (OSError, ValueError, Image.DecompressionBombError) as error:
     raise ValueError(f"{path}: cannot read the image: {error}") from error
-  return np.asarray(image.resize((width, height), Image.BILINEAR))
+  return augment.test_resize(image, image_size)
 
 
 def batches(files: Sequence[str], image_size, batch_size: int, *,

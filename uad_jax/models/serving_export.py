@@ -7,7 +7,7 @@ An export is a folder of three files:
                    compatibility window, and the caller's metadata
 
 ``images`` are uint8 RGB [batch, H, W, 3], already resized to the model's H×W (evaluation resizes
-with PIL bilinear, ``augment.test_transform``); the function normalises them bit for bit as
+with PIL bilinear, ``augment.test_resize``); the function normalises them bit for bit as
 ``augment.normalize`` does (fp32) and returns the float32 [batch, D] pre-BN global features that
 evaluation ranks by (``model.apply(variables, normalised, train=False)``). The batch dimension is
 symbolic, so one artifact serves every batch size. Only the leaves inference reads are exported:
