@@ -34,6 +34,8 @@ from uad_jax import sharding  # noqa: E402
 from uad_jax.models import vit  # noqa: E402
 from uad_jax.training import train_state, train_step  # noqa: E402
 
+import machine  # noqa: E402  (bench/machine.py: this folder is the script's sys.path[0])
+
 
 def flops_per_image(variant, image_size, num_classes):
   s = vit.parse_variant(variant)
@@ -50,6 +52,7 @@ def make_config(args, num_classes):
   with c.unlocked():
     c.model.variant = args.variant
     c.model.dtype = args.dtype
+    c.model.activations = args.activations
     c.sampler.identities, c.sampler.instances = args.identities, args.instances
     c.num_replicas = args.replicas
     data, model = (int(x) for x in args.mesh.split(","))
@@ -161,6 +164,7 @@ def main():
   parser.add_argument("--mesh", default="1,1", help="data,model mesh sizes")
   parser.add_argument("--fsdp", action="store_true", help="parameters sharded over data too")
   parser.add_argument("--dtype", default="bfloat16")
+  parser.add_argument("--activations", default="auto", help="auto | float32 | bfloat16")
   parser.add_argument("--loss", default="uad")
   parser.add_argument("--num-classes", type=int, default=2337)
   parser.add_argument("--steps", type=int, default=3)
@@ -175,7 +179,7 @@ def main():
   print(f"# UAD step, ViT-{args.variant} {c.model.image_size[0]}x{c.model.image_size[1]}, "
         f"batch {n} (R={c.num_replicas} x {c.sampler.modalities}x{c.sampler.identities}x"
         f"{c.sampler.instances}), {args.num_classes} ids, loss {args.loss}, mesh {args.mesh}, "
-        f"{jax.devices()[0].platform}")
+        f"{jax.devices()[0].platform}, activations {args.activations}; {machine.cpu_model()}")
   ours = n / seconds
   print(f"jax {args.dtype:9s} {ours:7.2f} img/s  {flops / seconds / 1e12:.3f} TFLOP/s  "
         f"(compile {compile_s:.1f} s)", flush=True)

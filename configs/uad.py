@@ -62,7 +62,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Zero padding before the random crop: the reference's 10 px at 256×128; the demo's small
   # images get a padding of the same scale.
   c.augment_padding = 10 if reference else 3
+  # Where flip, pad-crop, normalisation and erasing run: device (in the jitted step; uint8
+  # crosses) | host (float32 crosses). Only the erased boxes' noise values differ.
+  c.augment_on = "device"
   c.model.dtype = "bfloat16"                 # compute dtype of the matrix products
+  # What the products return: auto (float32 on the CPU, whose bf16-result dots are slow; bfloat16
+  # on GPUs and TPUs, halving activation memory) | float32 | bfloat16. Norms, softmax statistics,
+  # the residual stream and the loss heads are fp32 in every form.
+  c.model.activations = "auto"
   c.pretrained = ""                          # ImageNet ViT checkpoint (.npz/.safetensors/.pth)
 
   # The synthetic demo's stand-in for ImageNet weights: unless config.pretrained is given, the

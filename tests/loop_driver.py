@@ -10,7 +10,7 @@ the loop counts them (the n-th step taken, from 1) and in epochs:
   sigkill_in_save n        SIGKILL while the checkpoint of step n is being written
   sigkill_in_eval e        SIGKILL in epoch e's evaluation, between the query and gallery sides
   sigkill_after_epoch e    SIGKILL once epoch e is over (saved, evaluated, curves drawn)
-  nan_steps [n, …]         a NaN pixel in the batch of each of these steps
+  nan_steps [n, …]         NaN images in the batch of each of these steps
 The loop's own code is untouched: faults wrap the functions it calls.
 """
 import json
@@ -24,6 +24,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from uad_jax.evaluation import inference  # noqa: E402
@@ -43,6 +44,14 @@ def state_arrays(state) -> dict:
           for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
+def _poisoned(batch):
+  """The batch with NaN images instead of its own, in the host form: uint8 pixels hold no NaN,
+  and the step takes either form."""
+  like = batch["images"] if "images" in batch else batch["pixels"]
+  rest = {k: v for k, v in batch.items() if k not in ("images", "pixels", "augment")}
+  return {**rest, "images": jnp.full(like.shape, jnp.nan, jnp.float32, device=like.sharding)}
+
+
 def _inject(spec):
   jit_step = train_step.jit_train_step
 
@@ -52,7 +61,7 @@ def _inject(spec):
     def run(state, batch):
       n = int(state.step) + 1
       if n in spec.get("nan_steps", ()):
-        batch = {**batch, "images": batch["images"] * np.float32("nan")}
+        batch = _poisoned(batch)
       out = step_fn(state, batch)
       if n == spec.get("sigkill_after_step"):
         _die()

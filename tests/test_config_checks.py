@@ -76,6 +76,7 @@ BAD = [
     ("num_replicas", 0, "an integer >= 1"),
     ("missing_modality", "skip", "one of ('error', 'drop')"),
     ("augment_padding", -1, "an integer >= 0"),
+    ("augment_on", "gpu", "config.augment_on='gpu': expected one of ('device', 'host')"),
     ("data_workers", -1, "an integer >= 0"),
     ("data_threads", -1, "an integer >= 0"),
     ("model.variant", "L/16", "size one of ('mu', 'Ti', 'S', 'B') and patch >= 1"),
@@ -89,6 +90,8 @@ BAD = [
     ("model.stochastic_depth", 1.0, "a number in [0, 1)"),
     ("model.dtype", "float17", "config.model.dtype='float17': expected one of ('float32', "
                                "'bfloat16')"),
+    ("model.activations", "half", "config.model.activations='half': expected one of ('auto', "
+                                  "'float32', 'bfloat16')"),
     ("pretrained", "weights.ckpt", "ending in one of ('.npz', '.safetensors', '.pth'"),
     ("pretrained", "no/such/vit.npz", "there is no such file"),
     ("loss.name", "triplet", "one of ('ce', 'base', 'base+proca', 'base+gpd', 'uad')"),

@@ -96,6 +96,7 @@ def test_stablehlo_round_trip_gives_the_live_features_for_any_batch(stem_export)
   assert manifest["feature_dim"] == 64 and manifest["image_size"] == list(model.image_size)
   assert manifest["metadata"] == {"stem": model.stem, "step": 7}
   assert manifest["model"]["dtype"] == "bfloat16"
+  assert manifest["model"]["activations"] == "float32"      # the form every platform lowers
   assert "6 months" in manifest["compatibility"]["statement"]
   # Only what inference reads: the classifier and the BNNeck stay behind, the stem's
   # BatchNorm statistics do not.

@@ -72,13 +72,35 @@ def _assert_same_batches(actual, expected):
       np.testing.assert_array_equal(a[key], e[key], err_msg=key)
 
 
-def test_train_steps_are_the_sampler_plan_augmented_per_position(records):
-  train, dataset = _train(records)
+def _augmented(record, epoch, position, augment_on):
+  """What a step holds of one record's image at `position` of `epoch`: the host's augmentation
+  (augment_on="host"), or its resize and its draws ("device")."""
+  image = augment.to_rgb_image(record["image"])
+  rng = augment.image_rng(SEED, epoch, position)
+  if augment_on == "host":
+    return {"images": augment.train_transform(image, rng, SIZE)}
+  return {"pixels": np.asarray(image.resize(SIZE[::-1], Image.BICUBIC)),
+          "augment": augment.train_params(rng, SIZE)}
+
+
+def _assert_row(step, row, expected):
+  for key, value in expected.items():
+    np.testing.assert_array_equal(step[key][row], value, err_msg=key)
+
+
+@pytest.mark.parametrize("augment_on,image_keys", [
+    ("device", {"pixels": np.uint8, "augment": np.int32}), ("host", {"images": np.float32})])
+def test_train_steps_are_the_sampler_plan_augmented_per_position(records, augment_on,
+                                                                 image_keys):
+  train, dataset = _train(records, augment_on=augment_on)
   steps = _take(iter(dataset), 2)
   plan = train.sampler.epoch_steps(0)
   for step_index, step in enumerate(steps):
     rows = SHAPE.step_rows
-    assert step["images"].shape == (rows, *SIZE, 3) and step["images"].dtype == np.float32
+    assert step.keys() == {*image_keys, "labels", "modalities", "cameras"}
+    for key, dtype in image_keys.items():
+      assert step[key].shape[0] == rows and step[key].dtype == dtype
+    assert step[next(iter(image_keys))].shape == (rows, *SIZE, 3)
     for key in ("labels", "modalities", "cameras"):
       assert step[key].shape == (rows,) and step[key].dtype == np.int32
     record_indices = plan[step_index]
@@ -90,10 +112,8 @@ def test_train_steps_are_the_sampler_plan_augmented_per_position(records):
     labels = step["labels"].reshape(SHAPE.replicas, 3, -1)
     assert np.all(labels == labels[:, :1])
     for row in (0, 7, rows - 1):
-      image = augment.to_rgb_image(records[record_indices[row]]["image"])
-      rng = augment.image_rng(SEED, 0, step_index * rows + row)
-      np.testing.assert_array_equal(step["images"][row],
-                                    augment.train_transform(image, rng, SIZE))
+      _assert_row(step, row, _augmented(records[record_indices[row]], 0,
+                                        step_index * rows + row, augment_on))
 
 
 def test_stream_runs_every_epoch_then_stops(records):
@@ -112,10 +132,8 @@ def test_stream_runs_every_epoch_then_stops(records):
       np.testing.assert_array_equal(step["labels"], [records[i]["label"] for i in record_indices])
       # Augmentation is seeded by (seed, epoch, position within the epoch).
       for row in (0, rows - 1):
-        image = augment.to_rgb_image(records[record_indices[row]]["image"])
-        rng = augment.image_rng(SEED, epoch, step_in_epoch * rows + row)
-        np.testing.assert_array_equal(step["images"][row],
-                                      augment.train_transform(image, rng, SIZE))
+        _assert_row(step, row, _augmented(records[record_indices[row]], epoch,
+                                          step_in_epoch * rows + row, "device"))
 
 
 def test_resumed_iterator_yields_what_an_unbroken_one_would_across_epochs(records, tmp_path):
@@ -144,7 +162,7 @@ def test_process_slices_concatenate_to_the_global_step(records):
   (whole,) = _take(iter(_train(records)[1]), 1)
   halves = [_take(iter(_train(records, process_index=i, process_count=2)[1]), 1)[0]
             for i in range(2)]
-  assert halves[0]["images"].shape[0] == SHAPE.step_rows // 2
+  assert halves[0]["pixels"].shape[0] == SHAPE.step_rows // 2
   _assert_same_batches([{k: np.concatenate([h[k] for h in halves]) for k in whole}], [whole])
 
 
@@ -167,7 +185,8 @@ def test_eval_batches_cover_every_record_in_order_with_a_padding_mask():
   gallery = _records(num_ids=4, seed=1, label=False)
   batches = list(input_pipeline.make_eval_dataset(gallery, 8, image_size=SIZE))
   assert len(batches) == -(-len(gallery) // 8)
-  assert all(b["images"].shape == (8, *SIZE, 3) for b in batches)
+  assert all(b["pixels"].shape == (8, *SIZE, 3) and b["pixels"].dtype == np.uint8
+             for b in batches)
   mask = np.concatenate([b["mask"] for b in batches])
   indices = np.concatenate([b["indices"] for b in batches])
   assert mask.dtype == bool and mask.sum() == len(gallery) and not mask[-1]
@@ -178,11 +197,11 @@ def test_eval_batches_cover_every_record_in_order_with_a_padding_mask():
     values = np.concatenate([b[key] for b in batches])
     np.testing.assert_array_equal(values[mask], [r[feature] for r in gallery])
     assert np.all(values[~mask] == -1)
-  images = np.concatenate([b["images"] for b in batches])
+  pixels = np.concatenate([b["pixels"] for b in batches])
   for i in (0, len(gallery) - 1):
-    expected = augment.test_transform(augment.to_rgb_image(gallery[i]["image"]), SIZE)
-    np.testing.assert_array_equal(images[i], expected)
-  assert np.all(images[~mask] == 0)
+    image = augment.to_rgb_image(gallery[i]["image"])
+    np.testing.assert_array_equal(pixels[i], np.asarray(image.resize(SIZE[::-1], Image.BILINEAR)))
+  assert np.all(pixels[~mask] == 0)
 
 
 def test_eval_process_slices_concatenate_to_the_global_batch():
@@ -214,6 +233,8 @@ def test_bad_input_errors_name_the_file_the_identity_or_the_setting(records):
     _train(_records(label=False))
   with pytest.raises(ValueError, match="image_size"):
     _train(records, image_size=(32,))
+  with pytest.raises(ValueError, match="augment_on must be one of.*'gpu'"):
+    _train(records, augment_on="gpu")
   no_nir = [r for r in records if not (r["label"] == 3 and r["modality"] == 1)]
   with pytest.raises(ValueError, match=r"label 3 \(person id 109\): no NIR"):
     _train(no_nir)
@@ -249,17 +270,20 @@ def test_tfds_built_synthetic_whu_mars(tmp_path):
   assert train.num_classes == 4  # half of the 8 synthetic identities train
   assert len(train.steps_per_epoch) == 2 and train.total_steps >= 2
   step = next(iter(input_pipeline.train_dataset_from_config(config, train)))
-  assert step["images"].shape == (24, 128, 64, 3)
+  assert step["pixels"].shape == (24, 128, 64, 3) and step["augment"].shape == (24, 8)
   labels = step["labels"].reshape(3, -1)
   assert np.all(labels == labels[:1]) and np.all(step["modalities"] == np.repeat([0, 1, 2], 8))
   plan = train.sampler.epoch_steps(0)[0]
   np.testing.assert_array_equal(step["cameras"], train.metadata.cameras[plan])
+  config.augment_on = "host"
+  host_step = next(iter(input_pipeline.train_dataset_from_config(config, train)))
+  assert host_step.keys() == {"images", "labels", "modalities", "cameras"}
 
   evals = input_pipeline.eval_datasets_from_config(config, 16)
   for split, dataset in evals.items():
     source = input_pipeline.open_split("whu_mars/whumars1000", split, str(data_dir))
     batches = list(dataset)
     mask = np.concatenate([b["mask"] for b in batches])
-    assert mask.sum() == len(source) and batches[0]["images"].shape == (16, 128, 64, 3)
+    assert mask.sum() == len(source) and batches[0]["pixels"].shape == (16, 128, 64, 3)
     person_ids = np.concatenate([b["person_ids"] for b in batches])[mask]
     np.testing.assert_array_equal(person_ids, input_pipeline.read_metadata(source).person_ids)

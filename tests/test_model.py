@@ -199,11 +199,79 @@ def test_mixed_precision_products_and_their_gradients(dtype):
       np.testing.assert_allclose(g, r, rtol=tol, atol=tol * 5)
 
 
-@pytest.mark.parametrize("stem", ["patch", "ics"])
-def test_bf16_model_tracks_fp32_features_and_gradients(stem):
+def test_activation_policy_by_platform():
+  resolve = precision.activation_dtype
+  for platform in ("cpu", "gpu", "tpu"):
+    assert resolve("float32", "auto", platform) == jnp.float32      # fp32 products: fp32 results
+    assert resolve("float32", "bfloat16", platform) == jnp.float32
+    assert resolve("bfloat16", "float32", platform) == jnp.float32
+    assert resolve("bfloat16", "bfloat16", platform) == jnp.bfloat16
+  assert resolve("bfloat16", "auto", "cpu") == jnp.float32
+  assert resolve("bfloat16", "auto", "gpu") == jnp.bfloat16
+  assert resolve("bfloat16", "auto", "tpu") == jnp.bfloat16
+  assert resolve("bfloat16", "auto") == jnp.float32                  # these tests run on the CPU
+  with pytest.raises(ValueError, match="activations='half'"):
+    resolve("bfloat16", "half")
+
+
+def test_bf16_result_products_round_fp32_sums_and_keep_primal_dtypes():
+  rng = np.random.RandomState(3)
+  x, w, b = rng.randn(3, 5, 64), rng.randn(64, 7), rng.randn(3, 64, 4)
+  as_bf16 = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64)
+  for fn, args in [(precision.matmul, (x, w)), (precision.bmm, (x, b))]:
+    inputs = [jnp.asarray(args[0], jnp.bfloat16), jnp.asarray(args[1], jnp.float32)]
+    got = fn(*inputs, jnp.bfloat16, jnp.bfloat16)
+    assert got.dtype == jnp.bfloat16
+    sums = as_bf16(args[0]) @ as_bf16(args[1])
+    # One rounding of the fp32 sum: within half a bf16 ulp (2^-8 relative) of the exact sum.
+    np.testing.assert_allclose(np.asarray(got, np.float64), sums, rtol=2**-8, atol=1e-6)
+    grads = jax.grad(lambda *a: jnp.sum(fn(*a, jnp.bfloat16, jnp.bfloat16).astype(jnp.float32)
+                                        ** 2), argnums=(0, 1))(*inputs)
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.float32]   # each its primal's dtype
+    want = jax.grad(lambda *a: jnp.sum((a[0].astype(jnp.float32) @ a[1]) ** 2),
+                    argnums=(0, 1))(*inputs)
+    for g, r in zip(grads, want):
+      np.testing.assert_allclose(np.asarray(g, np.float32), r, rtol=3e-2, atol=3e-2 * np.abs(
+          np.asarray(r)).max())
+
+
+def test_fused_attention_matches_the_cpu_formulation():
+  """The GPU/TPU attention (jax.nn.dot_product_attention on bf16 q, k, v) and the CPU one the
+  model runs here compute the same softmax(q·kᵀ/√d)·v."""
+  rng = np.random.RandomState(4)
+  q, k, v = (jnp.asarray(rng.randn(2, 9, 3, 16), jnp.bfloat16) for _ in range(3))
+  fused = np.asarray(vit._fused_attention(q, k, v), np.float32)
+  to_heads = lambda t: np.asarray(t, np.float64).transpose(0, 2, 1, 3)    # [B, H, N, d]
+  scores = to_heads(q) @ to_heads(k).swapaxes(-1, -2) / 4.0
+  weights = np.exp(scores - scores.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  want = (weights @ to_heads(v)).transpose(0, 2, 1, 3)
+  np.testing.assert_allclose(fused, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("activations", ["float32", "bfloat16"])
+def test_bf16_activations_halve_the_backbone_residuals(activations):
+  """What the products return is what autodiff keeps: bf16 activations keep the blocks' widest
+  residuals (the MLP's hidden layer) in bf16, the fp32 form in fp32."""
+  model = vit.ViT("mu/16", IMAGE, stochastic_depth=0.0, dtype=jnp.bfloat16,
+                  activations=jnp.dtype(activations))
+  x = jnp.zeros((2, *IMAGE, 3))
+  params = model.init(jax.random.key(0), x)["params"]
+  _, vjp = jax.vjp(lambda p: model.apply({"params": p}, x), params)
+  hidden = vit.parse_variant("mu/16").mlp_dim
+  residuals = [leaf for leaf in jax.tree.leaves(vjp) if getattr(leaf, "ndim", 0) == 3
+               and leaf.shape[-1] == hidden]
+  assert residuals and {leaf.dtype for leaf in residuals} >= {jnp.dtype(activations)}
+  if activations == "bfloat16":
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in residuals)
+
+
+@pytest.mark.parametrize("stem,activations", [("patch", "float32"), ("ics", "float32"),
+                                              ("patch", "bfloat16")])
+def test_bf16_model_tracks_fp32_features_and_gradients(stem, activations):
   kwargs = dict(num_classes=7, variant="mu/16", image_size=IMAGE, stochastic_depth=0.0, stem=stem)
   m32 = reid_model.UADNet(**kwargs)
-  m16 = reid_model.UADNet(**kwargs, dtype=jnp.bfloat16)
+  m16 = reid_model.UADNet(**kwargs, dtype=jnp.bfloat16, activations=jnp.dtype(activations))
   x, variables = _init(m32)
   direction = jax.random.normal(jax.random.key(5), (64,))
   logit_weights = jax.random.normal(jax.random.key(6), (4, 7)) * 100

@@ -52,6 +52,7 @@ def test_the_result_is_named_by_every_setting_that_shapes_it(tmp_path):
 
   for fields in ({"pretrain__lr": 1e-3}, {"pretrain__epochs": 3}, {"model__stem": "ics"},
                  {"dataset__synthetic_difficulty": "default"}, {"augment_padding": 10},
+                 {"augment_on": "host"},
                  {"optim__grad_clip_norm": 5.0}, {"pretrain__seed": 1}):
     assert changed(**fields) != base, fields
   for fields in ({"eval_batch_size": 7}, {"data_threads": 1}, {"dataset__data_dir": "x"},

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import uad
-from uad_jax.data import input_pipeline
+from uad_jax.data import augment, input_pipeline
 from uad_jax.evaluation import metrics
 from uad_jax.training import history, loop, train_state
 
@@ -39,7 +39,8 @@ def _retrieval_side(config, state, split):
   feats, meta = [], []
   for batch in input_pipeline.make_eval_dataset(source, 64, image_size=config.model.image_size):
     mask = batch["mask"]
-    feats.append(np.asarray(model.apply(variables, batch["images"]))[mask])
+    images = augment.normalize(batch["pixels"])  # the host's formula, not the job's table
+    feats.append(np.asarray(model.apply(variables, images))[mask])
     meta.append(np.stack([batch[k][mask] for k in ("person_ids", "cameras")]))
   meta = np.concatenate(meta, axis=1)
   return np.concatenate(feats), meta[0], meta[1]

@@ -9,6 +9,7 @@ from flax import traverse_util
 
 from configs import uad
 from uad_jax import sharding
+from uad_jax.data import augment, device_augment
 from uad_jax.models import reid_model
 from uad_jax.training import losses, optim, prototypes, train_state, train_step
 
@@ -164,6 +165,28 @@ def _create(config, mesh=None):
       # The step donates its input: keep the caller's state alive for comparisons.
       return step(jax.tree.map(jnp.copy, state), batch)
   return state, run
+
+
+def test_a_batch_of_pixels_steps_as_the_batch_of_their_device_augmented_images():
+  config = _config(mesh=(8, 1))
+  state, run = _create(config, sharding.make_mesh(config.mesh, jax.devices()[:8]))
+  labels = _batch(2)["labels"]
+  pixels = np.random.RandomState(0).randint(0, 256, (len(labels), 32, 16, 3)).astype(np.uint8)
+  params = np.stack([augment.train_params(augment.image_rng(0, 0, i), (32, 16), padding=3)
+                     for i in range(len(labels))])
+  assert 0 < np.count_nonzero(params[:, 5]) < len(labels)  # some rows erased, some not
+  images = np.asarray(jax.jit(device_augment.augment_batch)(pixels, params))
+  # The pipeline's other keys ride along unused.
+  on_device, metrics = run(state, {"pixels": pixels, "augment": params, "labels": labels,
+                                   "cameras": np.zeros_like(labels)})
+  from_host, want = run(state, {"images": images, "labels": labels})
+  _assert_states_equal(on_device, from_host)
+  for k in want:
+    np.testing.assert_array_equal(metrics[k], want[k], err_msg=k)
+  # Not trivially: the images the step sees are not the raw pixels normalised.
+  plain, _ = run(state, {"images": augment.normalize(pixels), "labels": labels})
+  assert not np.array_equal(_flat(plain.params)["classifier/kernel"],
+                            _flat(on_device.params)["classifier/kernel"])
 
 
 def test_bnneck_bias_stays_exactly_zero_and_the_rest_moves():
@@ -331,10 +354,14 @@ def test_a_finite_loss_with_an_overflowing_gradient_is_skipped_too():
   _assert_states_equal(skipped, _counted(state))
 
 
-def test_bf16_compute_step_tracks_fp32():
+@pytest.mark.parametrize("activations", ["auto", "bfloat16"])
+def test_bf16_compute_step_tracks_fp32(activations):
+  """Both activation forms: "auto" is fp32 results on this CPU, "bfloat16" the GPU/TPU form."""
   batches = [_batch(2, 0)]
   config32, config16 = _config(stochastic_depth=0.0), _config(dtype="bfloat16",
                                                               stochastic_depth=0.0)
+  with config16.unlocked():
+    config16.model.activations = activations
   start, _ = _create(config32)
   s32, m32 = _run(config32, batches, devices=jax.devices()[:1])
   s16, m16 = _run(config16, batches, devices=jax.devices()[:1])

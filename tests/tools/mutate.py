@@ -307,7 +307,9 @@ MUTATIONS = [
                   "vertical instead of horizontal flip"),
         _mutation("augment.crop_shift_mirrored", "dy, dx = top - padding, left - padding",
                   "dy, dx = padding - top, padding - left",
-                  "crop window mirrored about the centre"),
+                  "crop window mirrored about the centre",
+                  variants=[("flip_shift(pixels, flip, top - padding, left - padding)",
+                             "flip_shift(pixels, flip, padding - top, padding - left)")]),
         _mutation("augment.erase_hw_swapped", "aspect = math.exp(rng.uniform(*log_aspect))",
                   "aspect = math.exp(-rng.uniform(*log_aspect))",
                   "h uses /aspect and w ·aspect: the log-aspect range is symmetric, same boxes",
@@ -315,6 +317,27 @@ MUTATIONS = [
         _mutation("augment.shared_stream", "AUGMENT_STREAM = 1", "AUGMENT_STREAM = 0",
                   "augmentation's seed word equals the sampler's: the seed tuples differ in "
                   "length, so the streams still differ", harmless=True),
+    ),
+    *_module("uad_jax/data/augment.py", ["tests/test_device_augment.py"],
+        _mutation("augment.params_draw_first",
+                  "flip, top, left = draw_crop(rng, flip_prob, padding)\n"
+                  "  box = draw_erase(height, width, rng, erase_prob) or (0, 0, 0, 0)",
+                  "rng.random()\n  flip, top, left = draw_crop(rng, flip_prob, padding)\n"
+                  "  box = draw_erase(height, width, rng, erase_prob) or (0, 0, 0, 0)",
+                  "the device's parameters draw something before the host's draws: other crops "
+                  "and boxes than the host's"),
+    ),
+    *_module("uad_jax/data/device_augment.py", ["tests/test_device_augment.py"],
+        _mutation("device_augment.crop_not_flipped",
+                  "cols = jnp.where(flip, width - 1 - cols, cols)", "cols = cols + 0 * flip",
+                  "the device never flips"),
+        _mutation("device_augment.box_one_row_taller", "(rows >= top) & (rows < top + height)",
+                  "(rows >= top) & (rows <= top + height)",
+                  "erase box one row taller than the host's"),
+        _mutation("device_augment.noise_seed_ignored", "jax.random.key(seed)",
+                  "jax.random.key(0 * seed)", "every erased box holds the same noise"),
+        _mutation("device_augment.padding_not_zero", "moved, jnp.zeros((), pixels.dtype))",
+                  "moved, jnp.full((), 255, pixels.dtype))", "crop padding filled with white"),
     ),
     *_module("uad_jax/data/sampler.py", ["tests/test_sampler.py"],
         # One line that rounds up and pads the last step with the epoch's first batches, so the

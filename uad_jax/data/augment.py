@@ -1,13 +1,21 @@
-"""Per-image train and test transforms (spec §3), NumPy + PIL, float32 HWC out.
+"""Per-image train and test transforms (spec §3), NumPy + PIL.
 
 Train, in order: PIL bicubic resize to H×W; horizontal flip p=0.5; pad 10 px with 0; random crop
 back to H×W; to [0, 1]; normalise with mean 0.5, std 0.5 (→ [−1, 1]); random erasing p=0.5 of one
 box filled with N(0, 1) noise in normalised space. Test: PIL bilinear resize, normalise.
 
+The host always resizes. The rest runs where `config.augment_on` says: here (`train_transform`,
+float32 [H, W, 3] out) or in the jitted train step (`device_augment`), which takes the resized
+uint8 pixels and `train_params`, the same draws as int32 numbers, so a quarter of the bytes cross
+to the device and the host does only the decode and the resize. Both make the same flip, crop and
+box from the same generator; only the erased box's noise values differ (the device draws them
+from a seed the generator gives).
+
 Randomness comes only from the generator passed in; the pipeline seeds one per image from
 (seed, epoch, position in the epoch) with `image_rng`, so an image's augmentation does not depend
 on worker count, process count or where a run was resumed. The draws are made in a fixed order:
-flip, crop top, crop left, erase decision, then erase box attempts.
+flip, crop top, crop left, erase decision, erase box attempts, then the erase noise (host) or the
+noise seed (device).
 """
 import io
 import math
@@ -99,23 +107,42 @@ def test_transform(image: Image.Image, image_size=DEFAULT_IMAGE_SIZE) -> np.ndar
   return normalize(test_resize(image, image_size))
 
 
-def flip_pad_crop(pixels: np.ndarray, rng: np.random.Generator, flip_prob: float = FLIP_PROB,
-                  padding: int = PADDING) -> np.ndarray:
-  """Horizontal flip with `flip_prob`, zero padding, then a uniform crop back to the input size."""
-  if rng.random() < flip_prob:
-    pixels = pixels[:, ::-1]
-  height, width = pixels.shape[:2]
+def train_resize(image: Image.Image, image_size=DEFAULT_IMAGE_SIZE) -> np.ndarray:
+  """Training's resize: bicubic to H×W; uint8 [H, W, 3], what the device augmentation takes."""
+  height, width = check_image_size(image_size)
+  return np.asarray(image.resize((width, height), Image.BICUBIC))
+
+
+def draw_crop(rng: np.random.Generator, flip_prob: float = FLIP_PROB,
+              padding: int = PADDING) -> tuple[bool, int, int]:
+  """(flip, top, left): the flip, then the crop's corner in the padded image, uniform over every
+  position that keeps the crop inside it."""
+  flip = bool(rng.random() < flip_prob)
   top = int(rng.integers(0, 2 * padding + 1))
   left = int(rng.integers(0, 2 * padding + 1))
-  # The crop of the padded image at (top, left) is the input shifted by (top − padding,
-  # left − padding) with zeros where it falls outside; copying only the overlap avoids building
-  # the padded image.
-  dy, dx = top - padding, left - padding
+  return flip, top, left
+
+
+def flip_shift(pixels: np.ndarray, flip: bool, dy: int, dx: int) -> np.ndarray:
+  """`pixels` flipped left-right if `flip`, then cropped at (dy, dx) relative to the image's own
+  corner, with 0 wherever the crop falls outside: the crop of the image padded by p at
+  (dy + p, dx + p)."""
+  if flip:
+    pixels = pixels[:, ::-1]
+  height, width = pixels.shape[:2]
+  # Copying only the overlap avoids building the padded image.
   rows, cols = max(0, height - abs(dy)), max(0, width - abs(dx))  # size of the overlap
   crop = np.zeros_like(pixels)
   crop[max(0, -dy):max(0, -dy) + rows, max(0, -dx):max(0, -dx) + cols] = (
       pixels[max(0, dy):max(0, dy) + rows, max(0, dx):max(0, dx) + cols])
   return crop
+
+
+def flip_pad_crop(pixels: np.ndarray, rng: np.random.Generator, flip_prob: float = FLIP_PROB,
+                  padding: int = PADDING) -> np.ndarray:
+  """Horizontal flip with `flip_prob`, zero padding, then a uniform crop back to the input size."""
+  flip, top, left = draw_crop(rng, flip_prob, padding)
+  return flip_shift(pixels, flip, top - padding, left - padding)
 
 
 def erase_box(height: int, width: int,
@@ -140,12 +167,18 @@ def erase_box(height: int, width: int,
   return None
 
 
+def draw_erase(height: int, width: int, rng: np.random.Generator,
+               prob: float = ERASE_PROB) -> tuple[int, int, int, int] | None:
+  """The erase decision (probability `prob`), then `erase_box`; None: the image is not erased."""
+  if rng.random() >= prob:
+    return None
+  return erase_box(height, width, rng)
+
+
 def random_erase(x: np.ndarray, rng: np.random.Generator, prob: float = ERASE_PROB) -> np.ndarray:
   """With probability `prob`, fills one random box of normalised float32 `x` (in place) with
   per-pixel, per-channel N(0, 1) values."""
-  if rng.random() >= prob:
-    return x
-  box = erase_box(x.shape[0], x.shape[1], rng)
+  box = draw_erase(x.shape[0], x.shape[1], rng, prob)
   if box is not None:
     top, left, h, w = box
     x[top:top + h, left:left + w] = rng.standard_normal((h, w, x.shape[2]), dtype=np.float32)
@@ -157,7 +190,28 @@ def train_transform(image: Image.Image, rng: np.random.Generator,
                     padding: int = PADDING, erase_prob: float = ERASE_PROB) -> np.ndarray:
   """Training augmentation of one RGB image; float32 [H, W, 3], mostly in [−1, 1] (erased boxes
   hold unbounded normal noise)."""
-  height, width = check_image_size(image_size)
-  pixels = np.asarray(image.resize((width, height), Image.BICUBIC))
-  pixels = flip_pad_crop(pixels, rng, flip_prob, padding)
+  pixels = flip_pad_crop(train_resize(image, image_size), rng, flip_prob, padding)
   return random_erase(normalize(pixels), rng, erase_prob)
+
+
+# Where the train augmentation runs (config.augment_on).
+AUGMENT_ON = ("device", "host")
+# One image's augmentation as `device_augment` applies it, int32 in this order. The crop is a
+# shift relative to the image (top − padding, left − padding), so the device needs no padding
+# setting; an erase box of height and width 0 is no erasing.
+PARAMS = ("flip", "shift_y", "shift_x", "erase_top", "erase_left", "erase_height", "erase_width",
+          "noise_seed")
+
+
+def train_params(rng: np.random.Generator, image_size=DEFAULT_IMAGE_SIZE, *,
+                 flip_prob: float = FLIP_PROB, padding: int = PADDING,
+                 erase_prob: float = ERASE_PROB) -> np.ndarray:
+  """`train_transform`'s draws for one image as int32 [len(PARAMS)]: the same draws in the same
+  order from the same generator, so the flip, crop and box are the host's; then, where the host
+  draws its noise, a 32-bit seed of the device's noise."""
+  height, width = check_image_size(image_size)
+  flip, top, left = draw_crop(rng, flip_prob, padding)
+  box = draw_erase(height, width, rng, erase_prob) or (0, 0, 0, 0)
+  seed = rng.integers(np.iinfo(np.int32).min, np.iinfo(np.int32).max, endpoint=True,
+                      dtype=np.int32)
+  return np.array([flip, top - padding, left - padding, *box, seed], np.int32)

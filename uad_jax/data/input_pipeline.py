@@ -6,10 +6,16 @@ the whu_mars features below): a `tfds.data_source` split opened by `open_split`,
 dicts in tests.
 
 Train stream: the images in the order the sampler plans them (epoch 0, 1, …; step by step; rows
-of a step in its group-major, modality-major layout), decoded and augmented in chunks of
+of a step in its group-major, modality-major layout), decoded, resized and augmented in chunks of
 consecutive images on `num_threads` threads in each of `num_workers` processes, then joined into
 steps. Each image is augmented with a generator seeded by (seed, epoch, position of the image in
-its epoch), so the stream is the same whatever the thread, worker and process counts. The
+its epoch), so the stream is the same whatever the thread, worker and process counts. With
+`augment_on="device"` (the default) the host only draws the augmentation's random numbers: a step
+holds the resized uint8 pixels and each image's int32 `augment.PARAMS`, and the jitted train step
+flips, crops, normalises and erases (`device_augment`); a quarter of the bytes of float32 images
+cross to the device, and the host's threads only decode and resize. `augment_on="host"` sends
+float32 images augmented here (`augment.train_transform`). Eval batches always send uint8 pixels,
+normalised on the device with the same table (`augment.normalize_batch`). The
 iterator's state (`get_state` / `set_state`, JSON-serialisable) is its position in the stream: a
 restored iterator yields exactly what the original would have, across epoch boundaries too. The
 state's form depends on `num_workers` (Grain keeps one position per worker), so restore it into a
@@ -29,7 +35,8 @@ Use:
   train = iter(input_pipeline.train_dataset_from_config(
       config, plan, process_index=jax.process_index(), process_count=jax.process_count(),
       num_workers=2))
-  batch = next(train)  # {"images": [n, H, W, 3] float32, "labels": [n] int32, …}
+  batch = next(train)  # {"pixels": [n, H, W, 3] uint8, "augment": [n, 8] int32,
+                       #  "labels": [n] int32, …}
   state = train.get_state()  # into the checkpoint; on resume: train.set_state(state)
 """
 import dataclasses
@@ -54,8 +61,9 @@ MODALITY = "modality"  # 0 RGB, 1 NIR, 2 TIR
 VIEWPOINT = "viewpoint"  # 0 ground, 1 aerial
 FILE_NAME = "file_name"  # path relative to the raw folder, for error messages
 
-# Per-process buffers, in images. A 256×128 float32 image is 384 KiB, so these bound the memory
-# the prefetching holds to a few hundred MiB while keeping the decode threads busy.
+# Per-process buffers, in images. A 256×128 image is 96 KiB as uint8 pixels (384 KiB as float32,
+# augment_on="host"), so these bound the memory the prefetching holds to tens of MiB (a hundred
+# or two in float32) while keeping the decode threads busy.
 DEFAULT_PREFETCH_IMAGES = 256
 DEFAULT_WORKER_BUFFER_IMAGES = 64
 # Images per unit of work handed to a thread or a worker process (see `_parallel`).
@@ -169,12 +177,14 @@ def process_rows(global_rows: int, process_index: int, process_count: int, what:
 
 
 class _TrainImage(grain.transforms.Map):
-  """Position of an image in this process's stream → its augmented image and labels."""
+  """Position of an image in this process's stream → its augmented image (or its resized pixels
+  and augmentation parameters) and labels."""
 
   def __init__(self, source, sampler: sampler_lib.PMKSampler, steps_per_epoch, image_size,
-               process_index: int, local_rows: int, padding: int):
+               process_index: int, local_rows: int, padding: int, augment_on: str):
     self._source = source
     self._padding = padding
+    self._augment_on = augment_on
     self._sampler = sampler
     self._image_size = tuple(image_size)
     self._first_step = np.concatenate([[0], np.cumsum(steps_per_epoch)])
@@ -214,8 +224,14 @@ class _TrainImage(grain.transforms.Map):
     record, image = _load_image(self._source, record_index)
     epoch_position = step_in_epoch * self._sampler.shape.step_rows + row
     rng = augment.image_rng(self._sampler.seed, epoch, epoch_position)
+    if self._augment_on == "host":
+      images = {"images": augment.train_transform(image, rng, self._image_size,
+                                                  padding=self._padding)}
+    else:
+      images = {"pixels": augment.train_resize(image, self._image_size),
+                "augment": augment.train_params(rng, self._image_size, padding=self._padding)}
     return {
-        "images": augment.train_transform(image, rng, self._image_size, padding=self._padding),
+        **images,
         "labels": np.int32(record[LABEL]),
         "modalities": np.int32(record[MODALITY]),
         "cameras": np.int32(record[CAMERA]),
@@ -285,24 +301,28 @@ def plan_training(metadata: SplitMetadata, shape: sampler_lib.BatchShape, *, see
 
 
 def make_train_dataset(source, plan: TrainPlan, *, image_size=augment.DEFAULT_IMAGE_SIZE,
-                       padding: int = augment.PADDING, process_index: int = 0,
-                       process_count: int = 1, num_workers: int = 0, num_threads: int = 2,
+                       padding: int = augment.PADDING, augment_on: str = "device",
+                       process_index: int = 0, process_count: int = 1, num_workers: int = 0,
+                       num_threads: int = 2,
                        prefetch_images: int = DEFAULT_PREFETCH_IMAGES) -> grain.IterDataset:
   """The train stream of every planned epoch over the train split `source`.
 
-  Yields dicts {"images": float32 [n, H, W, 3], "labels", "modalities", "cameras": int32 [n]}
-  with n = R·M·P·K / process_count rows: this process's slice of each step (see the module
-  docstring), `plan.total_steps` of them. Close iterators of a pipeline with worker processes
-  (`iterator.close()`) when done with them.
+  Yields dicts {"pixels": uint8 [n, H, W, 3], "augment": int32 [n, len(augment.PARAMS)]} (for
+  `augment_on="device"`) or {"images": float32 [n, H, W, 3]} ("host"), with "labels",
+  "modalities", "cameras": int32 [n], n = R·M·P·K / process_count rows: this process's slice of
+  each step (see the module docstring), `plan.total_steps` of them. Close iterators of a pipeline
+  with worker processes (`iterator.close()`) when done with them.
   """
   augment.check_image_size(image_size)
+  if augment_on not in augment.AUGMENT_ON:
+    raise ValueError(f"augment_on must be one of {augment.AUGMENT_ON}, got {augment_on!r}")
   if plan.source_records is not None:
     source = _Records(source, plan.source_records, plan.metadata.labels)
   local_rows = process_rows(plan.sampler.shape.step_rows, process_index, process_count,
                             "the global batch R·M·P·K")
   per_image = grain.MapDataset.range(plan.total_steps * local_rows).map(
       _TrainImage(source, plan.sampler, plan.steps_per_epoch, image_size, process_index,
-                  local_rows, padding))
+                  local_rows, padding, augment_on))
   return _parallel(per_image, local_rows, num_workers, num_threads, prefetch_images)
 
 
@@ -312,7 +332,7 @@ _EVAL_FEATURES = {"person_ids": PERSON_ID, "cameras": CAMERA, "modalities": MODA
 
 
 class _EvalImage(grain.transforms.Map):
-  """Position in this process's padded eval stream → test-transformed image and metadata."""
+  """Position in this process's padded eval stream → test-resized uint8 pixels and metadata."""
 
   def __init__(self, source, batch_size: int, image_size, process_index: int, local_rows: int):
     self._source = source
@@ -327,10 +347,10 @@ class _EvalImage(grain.transforms.Map):
     index = batch * self._batch_size + self._process_offset + local_row
     if index >= self._size:  # padding of the last batch
       height, width = self._image_size
-      return {"images": np.zeros((height, width, 3), np.float32), "mask": np.False_,
+      return {"pixels": np.zeros((height, width, 3), np.uint8), "mask": np.False_,
               "indices": np.int32(-1), **{key: np.int32(-1) for key in _EVAL_FEATURES}}
     record, image = _load_image(self._source, index)
-    return {"images": augment.test_transform(image, self._image_size), "mask": np.True_,
+    return {"pixels": augment.test_resize(image, self._image_size), "mask": np.True_,
             "indices": np.int32(index),
             **{key: np.int32(record[feature]) for key, feature in _EVAL_FEATURES.items()}}
 
@@ -341,9 +361,10 @@ def make_eval_dataset(source, batch_size: int, *, image_size=augment.DEFAULT_IMA
                       prefetch_images: int = DEFAULT_PREFETCH_IMAGES) -> grain.IterDataset:
   """Every record of a query or gallery split once, in record order, in fixed-size batches.
 
-  Yields dicts {"images": float32 [n, H, W, 3], "person_ids", "cameras", "modalities",
-  "viewpoints", "indices": int32 [n], "mask": bool [n]} with n = batch_size / process_count. The
-  last global batch is padded: padded rows have mask False, zero images and −1 metadata.
+  Yields dicts {"pixels": uint8 [n, H, W, 3] (`augment.test_resize`; the model's input is their
+  `augment.normalize_batch`), "person_ids", "cameras", "modalities", "viewpoints",
+  "indices": int32 [n], "mask": bool [n]} with n = batch_size / process_count. The last global
+  batch is padded: padded rows have mask False, zero pixels and −1 metadata.
   """
   if batch_size < 1:
     raise ValueError(f"eval batch_size must be >= 1, got {batch_size}")
@@ -390,7 +411,8 @@ def train_dataset_from_config(config, plan: TrainPlan, **kwargs) -> grain.IterDa
   """
   source = open_split_from_config(config, "train")
   return make_train_dataset(source, plan, image_size=tuple(config.model.image_size),
-                            padding=config.augment_padding, **kwargs)
+                            padding=config.augment_padding, augment_on=config.augment_on,
+                            **kwargs)
 
 
 def eval_datasets_from_config(config, batch_size: int, **kwargs) -> dict[str, grain.IterDataset]:

@@ -24,12 +24,19 @@ class SplitFeatures(NamedTuple):
   pixels: protocols.RetrievalSide  # baselines.pixel_features of the same images
 
 
+def _forward(model, variables, pixels):
+  """(features, model input) of uint8 pixels: the evaluation's and the retrieval tools' one
+  normalisation, the exports' table too (bit for bit the host's `augment.normalize`)."""
+  images = augment.normalize_batch(pixels)
+  return model.apply(variables, images, train=False), images
+
+
 @functools.lru_cache(maxsize=4)
 def _inference_fn(model, mesh):
   """The jitted inference forward, compiled once per model and mesh for the whole run; it also
   pools the images for the raw-pixel baseline while they are on the device."""
-  def infer(variables, images):
-    feats = model.apply(variables, images, train=False)
+  def infer(variables, pixels):
+    feats, images = _forward(model, variables, pixels)
     return feats, baselines.pixel_features(images)
   return jax.jit(infer, out_shardings=sharding.replicated(mesh))
 
@@ -44,8 +51,8 @@ def extract_features(model, variables, config, split_dataset, mesh, bar=None) ->
   meta = {k: [] for k in ("person_ids", "cameras", "modalities", "viewpoints")}
   with sharding.context(mesh, config.sharding_rules):
     for batch in split_dataset:
-      images = jax.make_array_from_process_local_data(batch_sharding, batch["images"])
-      out, pooled = (np.asarray(x) for x in jax.device_get(infer(variables, images)))
+      batch_pixels = jax.make_array_from_process_local_data(batch_sharding, batch["pixels"])
+      out, pooled = (np.asarray(x) for x in jax.device_get(infer(variables, batch_pixels)))
       mask = _gather_rows(batch["mask"])
       feats.append(out[mask])
       pixels.append(pooled[mask])
@@ -70,8 +77,8 @@ def _gather_rows(local):
 
 @functools.lru_cache(maxsize=4)
 def _uint8_inference_fn(model, mesh):
-  def infer(variables, images):
-    return model.apply(variables, augment.normalize_batch(images), train=False)
+  def infer(variables, pixels):
+    return _forward(model, variables, pixels)[0]
   return jax.jit(infer, out_shardings=sharding.replicated(mesh))
 
 

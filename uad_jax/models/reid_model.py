@@ -32,6 +32,7 @@ class UADNet(nn.Module):
   bn_groups: int = 1
   stem: str = "patch"                 # "patch" (vit_base) | "ics" (vit_ics_lup) | "conv" (vit.STEMS)
   stem_width: int | None = None       # stem channels; None: the stem's default for the variant
+  activations: Any = jnp.float32      # dtype the backbone's products return (precision policy)
 
   @property
   def patch_grid(self) -> tuple[int, int]:
@@ -43,7 +44,7 @@ class UADNet(nn.Module):
   def __call__(self, images, train: bool = False):
     global_feat = vit.ViT(self.variant, tuple(self.image_size), self.stochastic_depth,
                           self.dtype, self.stem, self.stem_width, self.bn_groups,
-                          name="backbone")(images, train)
+                          self.activations, name="backbone")(images, train)
     if not train:
       return global_feat
     bn_feat = BNNeck(self.bn_groups, name="bnneck")(global_feat, train)

@@ -83,6 +83,9 @@ def export(model, variables, image_size, out_dir, *, metadata: dict | None = Non
   a folder that is not an export never is.
   """
   height, width = check_image_size(model, image_size)
+  # One module serves every platform, so it takes the form every platform lowers: fp32
+  # activations and the portable attention (a GPU's "auto" would embed cuDNN's).
+  model = model.clone(activations=jnp.float32)
   metadata = dict(metadata or {})
   json.dumps(metadata, allow_nan=False)  # fails now, not after the work, if it is not JSON
   out_dir = pathlib.Path(out_dir)
@@ -122,7 +125,7 @@ def export(model, variables, image_size, out_dir, *, metadata: dict | None = Non
       "params": [{"name": _param_name(j), "path": names[i], "shape": list(leaves[i].shape),
                   "dtype": np.dtype(leaves[i].dtype).name} for j, i in enumerate(kept)],
       "model": {"class": type(model).__name__, "variant": model.variant, "stem": model.stem,
-                "dtype": jnp.dtype(model.dtype).name},
+                "dtype": jnp.dtype(model.dtype).name, "activations": "float32"},
       "platforms": list(exported.platforms),
       "jax_version": jax.__version__, "jaxlib_version": jaxlib.__version__,
       "calling_convention_version": exported.calling_convention_version,

@@ -1,8 +1,9 @@
 """Vision Transformer backbone (pre-norm, CLS token, learned position embedding).
 
 Parameters are fp32 and carry logical axis names; the sharding rules that map them to a mesh are
-config data (``uad_jax.sharding``). ``dtype`` selects the compute dtype of the matrix products only
-(``uad_jax.models.precision``); the residual stream, LayerNorms and softmax stay fp32.
+config data (``uad_jax.sharding``). ``dtype`` selects the compute dtype of the matrix products and
+``activations`` what they return (``uad_jax.models.precision``); the residual stream, LayerNorms and
+softmax statistics stay fp32.
 
 Three stems put the image into tokens: ``"patch"``, the plain stride-16 patch projection;
 ``"ics"``, the reference's ``vit_ics_lup`` convolutional stem (``conv_stem``) before a stride-8
@@ -76,20 +77,22 @@ def _zeros(axes):
 
 
 class Dense(nn.Module):
-  """Linear layer whose product runs in ``dtype`` (fp32 result), fp32 kernel and bias."""
+  """Linear layer whose product runs in ``dtype`` and returns ``out_dtype``; fp32 kernel and
+  bias."""
   features: int
   axes: tuple[str, str]
   dtype: Any = jnp.float32
   use_bias: bool = True
   kernel_init: Any = None
+  out_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     init = self.kernel_init or _kernel_init(self.axes)
     kernel = self.param("kernel", init, (x.shape[-1], self.features))
-    y = precision.matmul(x, kernel, self.dtype)
+    y = precision.matmul(x, kernel, self.dtype, self.out_dtype)
     if self.use_bias:
-      y = y + self.param("bias", _zeros(self.axes[1:]), (self.features,))
+      y = y + self.param("bias", _zeros(self.axes[1:]), (self.features,)).astype(y.dtype)
     return y
 
 
@@ -100,39 +103,65 @@ def _layer_norm(name):
       bias_init=_zeros(("embed",)))
 
 
+def _fused_attention(q, k, v):
+  """cuDNN's fused attention on a GPU, ``jax.nn.dot_product_attention``'s XLA form where cuDNN
+  refuses these shapes or this GPU: both take q, k, v [B, N, heads, head_dim] in bf16 and keep
+  the softmax statistics in fp32."""
+  if jax.default_backend() == "gpu":
+    try:
+      return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    except (NotImplementedError, RuntimeError, TypeError, ValueError):
+      pass
+  return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+
+
 class Attention(nn.Module):
   heads: int
   dtype: Any
+  activations: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     b, n, d = x.shape
     head_dim = d // self.heads
-    qkv = Dense(3 * d, ("embed", "qkv"), self.dtype, name="qkv")(x)
-    qkv = qkv.reshape(b, n, 3, self.heads, head_dim).transpose(2, 0, 3, 1, 4)  # [3, B, H, N, hd]
-    q, k, v = qkv[0] * head_dim**-0.5, qkv[1], qkv[2]
-    attn = jax.nn.softmax(precision.bmm(q, k.swapaxes(-1, -2), self.dtype), axis=-1)
-    out = precision.bmm(attn, v, self.dtype).transpose(0, 2, 1, 3).reshape(b, n, d)
-    return Dense(d, ("heads", "embed"), self.dtype, name="proj")(out)
+    act = self.activations
+    qkv = Dense(3 * d, ("embed", "qkv"), self.dtype, name="qkv", out_dtype=act)(x)
+    if act != jnp.float32 and jax.default_backend() != "cpu":
+      q, k, v = (qkv.reshape(b, n, 3, self.heads, head_dim)[:, :, i] for i in range(3))
+      out = _fused_attention(q, k, v).reshape(b, n, d)
+    else:
+      # XLA:CPU has no fused attention, and its batched products are fastest in this layout.
+      qkv = qkv.reshape(b, n, 3, self.heads, head_dim).transpose(2, 0, 3, 1, 4)  # [3, B, H, N, hd]
+      # A split, not three slices: its gradient is one concatenation, not three padded sums.
+      q, k, v = (t[0] for t in jnp.split(qkv, 3))
+      q = q * jnp.asarray(head_dim**-0.5, act)
+      attn = jax.nn.softmax(precision.bmm(q, k.swapaxes(-1, -2), self.dtype), axis=-1)
+      out = precision.bmm(attn.astype(act), v, self.dtype, act)
+      out = out.transpose(0, 2, 1, 3).reshape(b, n, d)
+    return Dense(d, ("heads", "embed"), self.dtype, name="proj", out_dtype=act)(out)
 
 
 @jax.custom_jvp
 def gelu(x):
-  """Exact GELU, x·Φ(x), written with erf as torch's nn.GELU is.
+  """Exact GELU, x·Φ(x), written with erf as torch's nn.GELU is; computed in fp32, returned in
+  x's dtype.
 
   ``jax.nn.gelu(approximate=False)`` goes through erfc, whose piecewise XLA expansion (and its
   derivative) is several times dearer on the CPU than erf's single rational approximation. The
-  derivative Φ(x) + x·φ(x) is stated directly so the backward pass reuses Φ.
+  derivative Φ(x) + x·φ(x) is stated directly so the backward pass reuses Φ, and kept in x's
+  dtype so that bf16 activations keep a bf16 residual.
   """
-  return x * (0.5 + 0.5 * jax.lax.erf(x * _SQRT_HALF))
+  x32 = x.astype(jnp.float32)
+  return (x32 * (0.5 + 0.5 * jax.lax.erf(x32 * _SQRT_HALF))).astype(x.dtype)
 
 
 @gelu.defjvp
 def _gelu_jvp(primals, tangents):
   (x,), (t,) = primals, tangents
-  cdf = 0.5 + 0.5 * jax.lax.erf(x * _SQRT_HALF)
-  pdf = jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
-  return x * cdf, (cdf + x * pdf) * t
+  x32 = x.astype(jnp.float32)
+  cdf = 0.5 + 0.5 * jax.lax.erf(x32 * _SQRT_HALF)
+  pdf = jnp.exp(-0.5 * x32 * x32) * _INV_SQRT_2PI
+  return (x32 * cdf).astype(x.dtype), (cdf + x32 * pdf).astype(x.dtype) * t
 
 
 _SQRT_HALF = 0.7071067811865476
@@ -142,12 +171,14 @@ _INV_SQRT_2PI = 0.3989422804014327
 class Mlp(nn.Module):
   hidden: int
   dtype: Any
+  activations: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    h = Dense(self.hidden, ("embed", "mlp"), self.dtype, name="fc1")(x)
+    h = Dense(self.hidden, ("embed", "mlp"), self.dtype, name="fc1", out_dtype=self.activations)(x)
     h = gelu(h)
-    return Dense(x.shape[-1], ("mlp", "embed"), self.dtype, name="fc2")(h)
+    return Dense(x.shape[-1], ("mlp", "embed"), self.dtype, name="fc2",
+                 out_dtype=self.activations)(h)
 
 
 class Block(nn.Module):
@@ -155,18 +186,25 @@ class Block(nn.Module):
   mlp_dim: int
   drop_path: float
   dtype: Any
+  activations: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
-    # Stochastic depth: drop the whole residual branch per sample, scaled by 1/keep.
+    # Stochastic depth: drop the whole residual branch per sample, scaled by 1/keep. The branches
+    # return the activation dtype; the residual stream they add to stays fp32.
     drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), deterministic=not train)
-    x = x + drop(Attention(self.heads, self.dtype, name="attn")(_layer_norm("norm1")(x)))
-    x = x + drop(Mlp(self.mlp_dim, self.dtype, name="mlp")(_layer_norm("norm2")(x)))
+    attn = Attention(self.heads, self.dtype, self.activations, name="attn")
+    x = x + drop(attn(_layer_norm("norm1")(x))).astype(jnp.float32)
+    mlp = Mlp(self.mlp_dim, self.dtype, self.activations, name="mlp")
+    x = x + drop(mlp(_layer_norm("norm2")(x))).astype(jnp.float32)
     return nn.with_logical_constraint(x, (BATCH, TOKENS, ACT_EMBED))
 
 
 class ViT(nn.Module):
   """Maps NHWC images to the final-LayerNorm CLS token (fp32).
+
+  ``activations``: what the blocks' products return (``precision.activation_dtype``); with fp32
+  products (``dtype``) it is fp32 whatever is asked.
 
   With a convolutional stem ("ics", "conv") the stem's BatchNorms compute per-replica-group
   statistics over ``bn_groups`` contiguous row blocks in training, and evaluation needs their
@@ -179,6 +217,7 @@ class ViT(nn.Module):
   stem: str = "patch"                 # "patch" | "ics" | "conv" (STEMS)
   stem_width: int | None = None       # stem channels (first stage's for "conv"); None: default
   bn_groups: int = 1                  # replica groups of the stems' BatchNorms
+  activations: Any = jnp.float32      # dtype the products return (precision.activation_dtype)
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -193,6 +232,7 @@ class ViT(nn.Module):
     if problem:
       raise ValueError(f"ViT {self.variant!r} with the {self.stem} stem: {problem}")
     gh, gw = h // p, w // p
+    act = jnp.float32 if jnp.dtype(self.dtype) == jnp.float32 else jnp.dtype(self.activations)
     x = images
     if self.stem == "ics":
       x = conv_stem.ICSStem(self.stem_width or shape.stem_width, self.bn_groups, self.dtype,
@@ -208,7 +248,8 @@ class ViT(nn.Module):
     patches = patches.reshape(b, gh * gw, p * p * c)
     x = Dense(shape.width, ("patch", "embed"), self.dtype, name="patch_embed",
               kernel_init=nn.with_logical_partitioning(
-                  nn.initializers.lecun_normal(), ("patch", "embed")))(patches)
+                  nn.initializers.lecun_normal(), ("patch", "embed")), out_dtype=act)(patches)
+    x = x.astype(jnp.float32)
     cls = self.param("cls_token", nn.with_logical_partitioning(
         nn.initializers.normal(1e-6), (None, None, "embed")), (1, 1, shape.width))
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, shape.width)), x], axis=1)
@@ -217,5 +258,5 @@ class ViT(nn.Module):
         (1, 1 + gh * gw, shape.width))
     x = nn.with_logical_constraint(x + pos, (BATCH, TOKENS, ACT_EMBED))
     for i, rate in enumerate(np.linspace(0.0, self.stochastic_depth, shape.depth)):
-      x = Block(shape.heads, shape.mlp_dim, float(rate), self.dtype, name=f"block{i}")(x, train)
+      x = Block(shape.heads, shape.mlp_dim, float(rate), self.dtype, act, name=f"block{i}")(x, train)
     return _layer_norm("norm")(x[:, 0])

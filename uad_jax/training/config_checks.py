@@ -14,7 +14,7 @@ import os
 
 from configs import uad
 from uad_jax import sharding
-from uad_jax.data import prepare, sampler
+from uad_jax.data import augment, prepare, sampler
 from uad_jax.evaluation import metrics
 from uad_jax.models import precision, pretrained, vit
 from uad_jax.training import optim, train_state
@@ -164,6 +164,7 @@ def _check_data(p: _Problems) -> None:
           f"{modalities} (the dataset's {', '.join(sampler.DEFAULT_MODALITY_NAMES)})")
   p.one_of("missing_modality", sampler.MISSING_MODALITY_POLICIES)
   p.number("augment_padding", 0, integer=True)
+  p.one_of("augment_on", augment.AUGMENT_ON)
   p.number("data_workers", 0, integer=True)
   p.number("data_threads", 0, integer=True)   # 0: decode in the thread that consumes batches
 
@@ -190,6 +191,7 @@ def _check_model(p: _Problems) -> None:
                      f"but {problem}")
   p.number("model.stochastic_depth", 0, 1, high_open=True)
   p.one_of("model.dtype", precision.COMPUTE_DTYPES)
+  p.one_of("model.activations", precision.ACTIVATION_FORMS)
   path = p.value("pretrained")
   if not isinstance(path, str):
     p.add("pretrained", path, "a checkpoint path, or '' for none")

@@ -31,8 +31,8 @@ class NonFiniteTraining(RuntimeError):
 
 def _global_batch(local_batch, batch_sharding):
   """This process's rows → one global array per key, sharded over the data axis."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding, local_batch[k])
-          for k in ("images", "labels")}
+  return {k: jax.make_array_from_process_local_data(batch_sharding, v)
+          for k, v in local_batch.items()}
 
 
 def evaluation_due(config, epoch: int) -> bool:

@@ -19,7 +19,7 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec
 
 from uad_jax import sharding
-from uad_jax.models import pretrained, reid_model
+from uad_jax.models import precision, pretrained, reid_model
 from uad_jax.training import fused_threefry, optim
 
 # The terms each loss adds up: the paper's ablation rows, and "ce" for generic pretraining.
@@ -64,7 +64,8 @@ def build_model(config, num_classes: int) -> reid_model.UADNet:
       num_classes=num_classes, variant=config.model.variant,
       image_size=tuple(config.model.image_size),
       stochastic_depth=config.model.stochastic_depth, dtype=jnp.dtype(config.model.dtype),
-      bn_groups=config.num_replicas, stem=config.model.stem)
+      bn_groups=config.num_replicas, stem=config.model.stem,
+      activations=precision.activation_dtype(config.model.dtype, config.model.activations))
 
 
 def step_config(config, steps_per_epoch) -> StepConfig:

@@ -1,16 +1,18 @@
 """The UAD train step: one pure function of (state, batch), jitted once with explicit shardings.
 
 The global batch is R replica groups of M·P·K images, group-major; inside a group rows follow the
-spec's layout (modality-major, identity-contiguous). Every loss term and the BNNeck statistics are
-computed per group and averaged, as the reference's R GPUs did without SyncBN, so the numbers do
-not depend on how many devices run the step. The prototype memory is updated once, from the
-anchors of all groups.
+spec's layout (modality-major, identity-contiguous). It holds either augmented float32 "images"
+or uint8 "pixels" with each image's augmentation parameters ("augment"), which the step applies
+first (`data.device_augment`). Every loss term and the BNNeck statistics are computed per group
+and averaged, as the reference's R GPUs did without SyncBN, so the numbers do not depend on how
+many devices run the step. The prototype memory is updated once, from the anchors of all groups.
 """
 import jax
 import jax.numpy as jnp
 import optax
 
 from uad_jax import sharding
+from uad_jax.data import device_augment
 from uad_jax.training import losses, optim, prototypes
 from uad_jax.training.train_state import StepConfig, TrainState
 
@@ -49,14 +51,22 @@ def replica_objective(feats, logits, labels, memory, cfg: StepConfig):
   return terms, anchors.reshape(-1, anchors.shape[-1]), ids.reshape(-1)
 
 
+def batch_images(batch):
+  """The model's float32 input: the batch's "images", or its "pixels" augmented here."""
+  if "images" in batch:
+    return batch["images"]
+  return device_augment.augment_batch(batch["pixels"], batch["augment"])
+
+
 def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
   cfg = state.step_config
   rng, dropout_rng = jax.random.split(state.rng)
   labels = batch["labels"]
+  images = batch_images(batch)
 
   def loss_fn(params):
     (logits, feats), mutated = state.model.apply(
-        {"params": params, "batch_stats": state.batch_stats}, batch["images"], train=True,
+        {"params": params, "batch_stats": state.batch_stats}, images, train=True,
         rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
     terms, anchors, ids = replica_objective(feats, logits, labels, state.prototypes, cfg)
     accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == labels)
@@ -96,9 +106,10 @@ def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
 def jit_train_step(state_shardings, mesh):
   """``train_step`` compiled for these shardings, donating the old state's buffers.
 
-  Call it inside ``sharding.context(mesh, rules)`` so activation constraints resolve.
+  Call it inside ``sharding.context(mesh, rules)`` so activation constraints resolve. The batch
+  is any dict of arrays with the batch axis first (either form ``batch_images`` takes, with or
+  without the pipeline's other keys): one sharding over the data axis serves all of its leaves.
   """
-  batch = sharding.batch_sharding(mesh)
-  return jax.jit(train_step, in_shardings=(state_shardings, {"images": batch, "labels": batch}),
+  return jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
                  donate_argnums=(0,))
