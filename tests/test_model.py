@@ -249,6 +249,29 @@ def test_fused_attention_matches_the_cpu_formulation():
   np.testing.assert_allclose(fused, want, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_accelerator_form_of_the_bf16_model_matches_the_cpu_form(platform, monkeypatch):
+  """The bf16-activation ViT as a GPU or TPU traces it (jax.nn.dot_product_attention; on this
+  machine cuDNN's refusal falls back to the XLA form, and the products return bf16 directly) gives
+  the CPU form's features and gradients to bf16 precision."""
+  model = vit.ViT("mu/16", IMAGE, stochastic_depth=0.0, dtype=jnp.bfloat16,
+                  activations=jnp.dtype(jnp.bfloat16))
+  x = jnp.asarray(np.random.RandomState(8).randn(3, *IMAGE, 3), jnp.float32)
+  params = model.init(jax.random.key(0), x)["params"]
+  direction = jax.random.normal(jax.random.key(1), (64,))
+  loss = lambda p: jnp.sum(model.apply({"params": p}, x) @ direction)
+  want, want_grads = jax.value_and_grad(loss)(params)
+  monkeypatch.setattr(jax, "default_backend", lambda: platform)
+  calls = []
+  fused = vit._fused_attention
+  monkeypatch.setattr(vit, "_fused_attention", lambda *a: calls.append(1) or fused(*a))
+  got, grads = jax.value_and_grad(loss)(params)
+  assert len(calls) == vit.parse_variant("mu/16").depth      # every block took that form
+  np.testing.assert_allclose(got, want, rtol=3e-2, atol=3e-2)
+  for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    assert float(jnp.linalg.norm(g - w)) <= 5e-2 * float(jnp.linalg.norm(w)) + 1e-6
+
+
 @pytest.mark.parametrize("activations", ["float32", "bfloat16"])
 def test_bf16_activations_halve_the_backbone_residuals(activations):
   """What the products return is what autodiff keeps: bf16 activations keep the blocks' widest
