@@ -24,11 +24,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from uad_jax.evaluation import inference  # noqa: E402
-from uad_jax.testing import configs  # noqa: E402
+from uad_jax.testing import configs, faults  # noqa: E402
 from uad_jax.training import (checkpointing, history, loop, stop_requests,  # noqa: E402
                               train_step)
 
@@ -44,14 +43,6 @@ def state_arrays(state) -> dict:
           for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
-def _poisoned(batch):
-  """The batch with NaN images instead of its own, in the host form: uint8 pixels hold no NaN,
-  and the step takes either form."""
-  like = batch["images"] if "images" in batch else batch["pixels"]
-  rest = {k: v for k, v in batch.items() if k not in ("images", "pixels", "augment")}
-  return {**rest, "images": jnp.full(like.shape, jnp.nan, jnp.float32, device=like.sharding)}
-
-
 def _inject(spec):
   jit_step = train_step.jit_train_step
 
@@ -61,7 +52,7 @@ def _inject(spec):
     def run(state, batch):
       n = int(state.step) + 1
       if n in spec.get("nan_steps", ()):
-        batch = _poisoned(batch)
+        batch = faults.nan_images(batch)
       out = step_fn(state, batch)
       if n == spec.get("sigkill_after_step"):
         _die()

@@ -8,11 +8,11 @@ import signal
 import subprocess
 import sys
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from uad_jax.testing import configs
+from uad_jax.testing.faults import nan_images
 from uad_jax.training import checkpoint_eval, checkpointing, loop, train_step
 from uad_jax.training import workdir as workdirs
 
@@ -137,13 +137,6 @@ def test_kills_and_sigterm_at_every_point_then_reruns_end_as_an_unbroken_run(dat
   assert "optim.lr_per_replica" in str(error.value) and "sampler.identities" in str(error.value)
 
 
-def _poisoned(batch):
-  """As loop_driver's: the batch with NaN images, in the host form the step also takes."""
-  like = batch["images"] if "images" in batch else batch["pixels"]
-  rest = {k: v for k, v in batch.items() if k not in ("images", "pixels", "augment")}
-  return {**rest, "images": jnp.full(like.shape, jnp.nan, jnp.float32, device=like.sharding)}
-
-
 def test_consecutive_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(
     data, tmp_path, monkeypatch):
   config = configs.with_fields({**_overrides(data), "max_nonfinite_steps": 3})
@@ -155,7 +148,7 @@ def test_consecutive_non_finite_steps_stop_the_run_and_keep_the_last_good_checkp
 
     def run(state, batch):
       if int(state.step) + 1 in poisoned:
-        batch = _poisoned(batch)
+        batch = nan_images(batch)
       return step_fn(state, batch)
     return run
   monkeypatch.setattr(train_step, "jit_train_step", poisoning_jit_step)
