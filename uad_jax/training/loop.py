@@ -30,9 +30,10 @@ class NonFiniteTraining(RuntimeError):
 
 
 def _global_batch(local_batch, batch_sharding):
-  """This process's rows → one global array per key, sharded over the data axis."""
+  """This process's rows of what the step reads → one global array per key, sharded over the
+  data axis; the pipeline's other keys (modalities, cameras) never leave the host."""
   return {k: jax.make_array_from_process_local_data(batch_sharding, v)
-          for k, v in local_batch.items()}
+          for k, v in local_batch.items() if k in train_step.INPUT_KEYS}
 
 
 def evaluation_due(config, epoch: int) -> bool:

@@ -51,6 +51,10 @@ def replica_objective(feats, logits, labels, memory, cfg: StepConfig):
   return terms, anchors.reshape(-1, anchors.shape[-1]), ids.reshape(-1)
 
 
+# What the step reads of a batch: "labels" and either form of the images.
+INPUT_KEYS = ("images", "pixels", "augment", "labels")
+
+
 def batch_images(batch):
   """The model's float32 input: the batch's "images", or its "pixels" augmented here."""
   if "images" in batch:
