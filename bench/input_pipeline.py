@@ -22,7 +22,6 @@ of `--device_rows` images, to set beside a train step.
                                  [--workers 0,1,2] [--device_rows 48]
 """
 import argparse
-import io
 import math
 import os
 import subprocess
@@ -139,9 +138,7 @@ def peer_images_per_second(source, metadata, shape, args, num_workers: int) -> l
 
     def __getitem__(self, index):
       record = source[int(index)]
-      with Image.open(io.BytesIO(record["image"])) as opened:
-        image = opened.convert("RGB")
-      return transform(image), int(record["label"])
+      return transform(augment.to_rgb_image(record["image"])), int(record["label"])
 
   loader = torch.utils.data.DataLoader(Records(), batch_size=shape.step_rows,
                                        sampler=order.tolist(), num_workers=num_workers,
