@@ -2,6 +2,11 @@
 
   python bench/accelerator.py [--steps 50 --warmup 5] [--peak_tflops 989] [--no_peer]
   python bench/accelerator.py --tiny          # mu/8 at 64x32, 24 images, 2 steps: CPU and CI
+  python bench/accelerator.py --activations float32 --no_peer   # the other precision form
+
+Before timing, it checks the model on this device: which attention the chosen activation form
+compiles to (cuDNN's fused kernel, counted in the lowered step, or XLA's), and how far that form's
+features and gradients sit from the fp32-activation form's on the same parameters and images.
 
 The reference recipe's shapes: ViT-B/16, 256x128, UAD loss, 2337 identities, one replica group
 of 16 identities x 3 modalities x 4 instances = 192 images per step, on one chip. The peer is
@@ -25,10 +30,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 import machine  # noqa: E402
 import train_step as step_bench  # noqa: E402  (bench/train_step.py: the builders and FLOPs)
 from configs import uad  # noqa: E402
+from uad_jax.models import precision, vit  # noqa: E402
+from uad_jax.training import train_state  # noqa: E402
 
 # Dense bf16 TFLOP/s per chip (vendor specifications), by a pattern of the device's name; the
 # first match wins, so the specific names stand before the general ones.
@@ -50,14 +59,43 @@ def peak_tflops(device_name, override=None):
   return next((peak for pattern, peak in PEAK_TFLOPS if re.search(pattern, device_name)), None)
 
 
-def make_config(tiny, identities):
+def make_config(tiny, identities, activations="auto"):
   c = uad.get_config("synthetic" if tiny else "whumars2337")
   with c.unlocked():
+    c.model.activations = activations
     c.model.stem = "patch"  # the peer's stem, and the one the analytic FLOP count assumes
     c.num_replicas = 1
     c.sampler.identities = identities or c.sampler.identities
     c.mesh = (("data", 1), ("model", 1))
   return c
+
+
+def check_model(c, num_classes, batch=8):
+  """The model's attention path and its distance from the fp32-activation form on this device:
+  (cuDNN fused-attention calls in the lowered forward and backward, feature and gradient relative
+  errors). The loss weighs features and logits by fixed random directions, as the tests do."""
+  model = train_state.build_model(c, num_classes)
+  reference = model.clone(activations=jnp.dtype(jnp.float32))
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(batch, *c.model.image_size, 3), jnp.float32)
+  variables = reference.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x,
+                             train=True)
+  direction = jnp.asarray(rng.randn(model.num_classes), jnp.float32)
+
+  def loss(params, net):
+    (logits, feat), _ = net.apply({**variables, "params": params}, x, train=True,
+                                  rngs={"dropout": jax.random.key(2)}, mutable=["batch_stats"])
+    return jnp.sum(feat) + jnp.sum(logits @ direction), feat
+
+  grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  fused = grad.lower(variables["params"], model).as_text().count("__cudnn$fmha")
+  (_, feat), grads = grad(variables["params"], model)
+  (_, want_feat), want_grads = grad(variables["params"], reference)
+  norm = lambda tree: float(jnp.sqrt(sum(jnp.sum(jnp.square(t.astype(jnp.float32)))
+                                         for t in jax.tree.leaves(tree))))
+  feat_error = norm(feat - want_feat) / norm(want_feat)
+  grad_error = norm(jax.tree.map(jnp.subtract, grads, want_grads)) / norm(want_grads)
+  return fused, feat_error, grad_error
 
 
 def peer_device():
@@ -86,20 +124,30 @@ def main():
   parser.add_argument("--warmup", type=int, default=0, help="untimed steps; 0: 5 (tiny 1)")
   parser.add_argument("--peak_tflops", type=float, default=0.0, help="the chip's bf16 peak")
   parser.add_argument("--no_peer", action="store_true", help="time our step only")
+  parser.add_argument("--activations", default="auto", choices=precision.ACTIVATION_FORMS,
+                      help="what the products return (config.model.activations)")
   args = parser.parse_args()
   steps = args.steps or (2 if args.tiny else 50)
   warmup = args.warmup or (1 if args.tiny else 5)
-  c = make_config(args.tiny, args.identities)
+  c = make_config(args.tiny, args.identities, args.activations)
   h, w = c.model.image_size
   m, p, k = c.sampler.modalities, c.sampler.identities, c.sampler.instances
   n = m * p * k
   flops = step_bench.flops_per_image(c.model.variant, c.model.image_size, args.num_classes)
   device = jax.devices()[0]
+  activations = precision.activation_dtype(c.model.dtype, c.model.activations)
   print(f"# ViT-{c.model.variant} {h}x{w}, UAD loss, batch {n} ({m}x{p}x{k}), "
-        f"{args.num_classes} ids, {c.model.dtype}; {warmup} warm-up + {steps} timed steps")
+        f"{args.num_classes} ids, {c.model.dtype} products returning {activations.name} "
+        f"(activations={c.model.activations}); {warmup} warm-up + {steps} timed steps")
   print(f"jax devices: {jax.devices()} ({device.device_kind})")
   print(f"cpu: {machine.cpu_model()}")
   print(f"flops: {flops / 1e9:.4g} GFLOP per image (analytic)", flush=True)
+  fused, feat_error, grad_error = check_model(c, args.num_classes)
+  print(f"attention: {f'cuDNN fused ({fused} calls, forward and backward)' if fused else 'XLA'}; "
+        f"vs fp32 activations: features {feat_error:.2e}, gradients {grad_error:.2e} "
+        f"(relative)", flush=True)
+  for (shape, dtype), reason in vit.CUDNN_REFUSALS.items():
+    print(f"cuDNN refused q {shape} {dtype}: {reason}")
 
   seconds, first_s = step_bench.time_jax_step(c, args.num_classes, steps, warmup)
   ours = n / seconds

@@ -11,6 +11,7 @@ projection of its half-resolution map; ``"conv"``, a light stack of 3×3 stride-
 al. 2021) and a 1×1 projection. All give the same token grid and the same body.
 """
 import dataclasses
+import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -110,9 +111,22 @@ def _fused_attention(q, k, v):
   if jax.default_backend() == "gpu":
     try:
       return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-    except (NotImplementedError, RuntimeError, TypeError, ValueError):
-      pass
+    except (NotImplementedError, RuntimeError, TypeError, ValueError) as e:
+      _note_cudnn_refusal(q, e)
   return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+
+
+# Why cuDNN refused, by q's shape and dtype: the fallback costs speed, not correctness, so it
+# warns once per shape and keeps the reason for benchmarks to print (bench/accelerator.py).
+CUDNN_REFUSALS: dict[tuple[tuple[int, ...], str], str] = {}
+
+
+def _note_cudnn_refusal(q, error):
+  key = (tuple(q.shape), jnp.dtype(q.dtype).name)
+  if key not in CUDNN_REFUSALS:
+    CUDNN_REFUSALS[key] = f"{type(error).__name__}: {error}"
+    warnings.warn(f"cuDNN refused fused attention for q {key[0]} {key[1]} "
+                  f"({CUDNN_REFUSALS[key]}); using XLA's attention")
 
 
 class Attention(nn.Module):
