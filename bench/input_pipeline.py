@@ -4,7 +4,7 @@ reference's PyTorch DataLoader.
 Builds a synthetic WHU-MARS with tfds_whumars (generator + TFDS ArrayRecord build) in a temporary
 folder, then times the train stream of one replica group (16×3×4 = 192 images at 256×128 by
 default) for each worker count, with the augmentation on the device (what the host does: decode,
-resize, draw; uint8 out) and on the host (float32 out). The first step of each run (worker
+draw, and resize only the images larger than the output; uint8 out) and on the host (float32 out). The first step of each run (worker
 start-up, epoch planning) is not timed; the prefetch buffers it lets fill (a few hundred images)
 are a small part of the timed steps.
 
@@ -16,12 +16,13 @@ budget as each of our settings: num_workers = decode threads × worker processes
 images/s per core divides by the cores a run can use: min(budget, CPUs).
 
 Also times the device side of `augment_on="device"`: the jitted `device_augment.augment_batch`
-of `--device_rows` images, to set beside a train step.
+of `--device_rows` images, every one resized there (the most work), to set beside a train step.
 
   python bench/input_pipeline.py [--ids 60] [--steps 10] [--repeats 3] [--threads 2]
                                  [--workers 0,1,2] [--device_rows 48]
 """
 import argparse
+import io
 import math
 import os
 import subprocess
@@ -147,21 +148,36 @@ def peer_images_per_second(source, metadata, shape, args, num_workers: int) -> l
 
 
 def device_augment_seconds(rows: int, image_size, repeats: int = 5) -> float:
-  """Best time of the jitted device augmentation of `rows` images (compiled beforehand)."""
+  """Best time of the jitted device augmentation of `rows` images, each resized from a smaller
+  size first (compiled beforehand)."""
   import jax  # pylint: disable=g-import-not-at-top
   from uad_jax.data import device_augment  # pylint: disable=g-import-not-at-top
-  pixels = np.random.default_rng(0).integers(0, 256, (rows, *image_size, 3), dtype=np.uint8)
+  rng = np.random.default_rng(0)
+  pixels = rng.integers(0, 256, (rows, *image_size, 3), dtype=np.uint8)
+  raw_sizes = np.stack([rng.integers(1, image_size[0], rows), rng.integers(1, image_size[1], rows)],
+                       axis=1).astype(np.int32)
   params = np.stack([augment.train_params(augment.image_rng(0, 0, i), image_size)
                      for i in range(rows)])
-  pixels, params = jax.device_put((pixels, params))
+  inputs = jax.device_put((pixels, params, raw_sizes))
   run = jax.jit(device_augment.augment_batch)
-  run(pixels, params).block_until_ready()
+  run(*inputs).block_until_ready()
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    run(pixels, params).block_until_ready()
+    run(*inputs).block_until_ready()
     times.append(time.perf_counter() - start)
   return min(times)
+
+
+def share_resized_on_device(source, image_size, count: int = 2000) -> float:
+  """Share of the split's images no larger than the output, which the device resizes (read from
+  the JPEG headers of up to `count` records)."""
+  height, width = image_size
+  fits = []
+  for index in range(min(count, len(source))):
+    with Image.open(io.BytesIO(source[index]["image"])) as image:
+      fits.append(image.height <= height and image.width <= width)
+  return float(np.mean(fits))
 
 
 def main():
@@ -194,6 +210,8 @@ def main():
     metadata = input_pipeline.read_metadata(source)
     print(f"synthetic set: {len(source)} train images, {args.ids} ids "
           f"(built in {time.perf_counter() - start:.1f} s)")
+    print(f"images no larger than {args.image_size[0]}×{args.image_size[1]}, resized on the "
+          f"device: {100 * share_resized_on_device(source, args.image_size):.1f} %")
     shape = sampler.BatchShape(identities=args.identities, instances=args.instances)
     print(f"step: {shape.step_rows} images at {args.image_size[0]}×{args.image_size[1]}, "
           f"{args.threads} decode thread(s) per process, {os.cpu_count()} CPU core(s)")

@@ -1,5 +1,6 @@
-"""The train augmentation on the device against the host's (`augment.train_transform`): the same
-draws, the same pixels outside the erase box, N(0, 1) noise inside it."""
+"""The train augmentation on the device against the host's (`augment.train_transform`): Pillow's
+bicubic resize bit for bit, the same draws, the same pixels outside the erase box, N(0, 1) noise
+inside it."""
 import math
 
 import jax
@@ -44,8 +45,46 @@ def _params(count, size=(H, W), padding=10, seed=0, **kwargs):
                                         **kwargs) for i in range(count)])
 
 
-def _device(pixels, params):
-  return np.asarray(jax.jit(device_augment.augment_batch)(pixels, params))
+def _device(pixels, params, raw_sizes=None):
+  return np.asarray(jax.jit(device_augment.augment_batch)(pixels, params, raw_sizes))
+
+
+def _wire(photos, size=(H, W)):
+  """What the pipeline sends for `photos`: (pixels, raw sizes) by `augment.train_pixels`."""
+  pixels, raw_sizes = zip(*(augment.train_pixels(photo, size) for photo in photos))
+  return np.stack(pixels), np.stack(raw_sizes)
+
+
+def _extreme_photo(rng, height, width):
+  """Random or black-and-white pixels: the second makes Pillow's sums overshoot 0..255, so its
+  clipping is exercised too."""
+  if rng.random() < 0.5:
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+  return Image.fromarray(np.repeat(rng.integers(0, 2, (height, width, 1)) * 255, 3, axis=2)
+                         .astype(np.uint8))
+
+
+@pytest.mark.parametrize("size", [(H, W), (256, 128)])
+def test_device_resize_is_pillows_bicubic_bit_for_bit(size):
+  """Every image no larger than the output travels raw and is resized on the device; larger ones
+  travel resized. Either way the device's pixels are `Image.resize(..., BICUBIC)`'s exactly: both
+  axes up, one up, none (the output's own size), single-pixel rows and columns, any size between,
+  and the larger images beside them."""
+  rng = np.random.default_rng(7)
+  height, width = size
+  sizes = [(1, 1), (height, width), (height, 1), (1, width), (height - 1, width - 1), (2, 3),
+           (height + 1, width), (height, width + 1), (3 * height, 2 * width), (height // 2, 5 * width)]
+  sizes += [(int(rng.integers(1, height + 1)), int(rng.integers(1, width + 1))) for _ in range(60)]
+  photos = [_extreme_photo(rng, h, w) for h, w in sizes]
+  pixels, raw_sizes = _wire(photos, size)
+  larger = [h > height or w > width for h, w in sizes]
+  np.testing.assert_array_equal(raw_sizes[np.array(larger)], [[height, width]] * sum(larger))
+  np.testing.assert_array_equal(raw_sizes[~np.array(larger)],
+                                [s for s, big in zip(sizes, larger) if not big])
+  resized = np.asarray(jax.jit(jax.vmap(device_augment.resize))(pixels, raw_sizes))
+  for i, photo in enumerate(photos):
+    np.testing.assert_array_equal(resized[i], augment.train_resize(photo, size),
+                                  err_msg=str(sizes[i]))
 
 
 def _box_mask(params, size=(H, W)):
@@ -80,10 +119,11 @@ def test_the_noise_seed_is_drawn_after_everything_the_host_draws():
 
 @pytest.mark.parametrize("padding", [10, 3, 0, 40])  # 40: wider than the image, crops may be 0
 def test_device_output_is_the_hosts_outside_the_box_and_the_box_is_the_hosts(padding):
-  photos = _photos(48)
-  pixels = np.stack([np.asarray(p.resize((W, H), Image.BICUBIC)) for p in photos])
+  photos = _photos(48)  # some smaller than H×W (resized on the device), some larger
+  pixels, raw_sizes = _wire(photos)
+  assert 8 < np.sum(np.any(raw_sizes != (H, W), axis=1)) < 40
   params = _params(len(photos), padding=padding)
-  device = _device(pixels, params)
+  device = _device(pixels, params, raw_sizes)
   assert device.dtype == np.float32 and device.shape == (len(photos), H, W, 3)
   erased = 0
   for i, photo in enumerate(photos):
@@ -155,16 +195,17 @@ def test_params_over_many_images_follow_the_hosts_rates_and_ranges():
 
 
 def test_device_output_is_the_same_on_one_and_on_eight_devices():
-  pixels = np.stack([np.asarray(p.resize((W, H), Image.BICUBIC)) for p in _photos(16, 1)])
+  pixels, raw_sizes = _wire(_photos(16, 1))
   params = _params(16, seed=4)
   outputs = []
   for count in (1, 8):
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:count]), ("data",))
     rows = NamedSharding(mesh, PartitionSpec("data"))
     augment_fn = jax.jit(device_augment.augment_batch, in_shardings=rows, out_shardings=rows)
-    out = augment_fn(pixels, params)
+    out = augment_fn(pixels, params, raw_sizes)
     assert len(out.sharding.device_set) == count
     outputs.append(np.asarray(out))
   np.testing.assert_array_equal(*outputs)
   # Each row is its own: a row alone gives what it gives in the batch.
-  np.testing.assert_array_equal(_device(pixels[5:6], params[5:6])[0], outputs[0][5])
+  np.testing.assert_array_equal(_device(pixels[5:6], params[5:6], raw_sizes[5:6])[0],
+                                outputs[0][5])

@@ -74,13 +74,19 @@ def _assert_same_batches(actual, expected):
 
 def _augmented(record, epoch, position, augment_on):
   """What a step holds of one record's image at `position` of `epoch`: the host's augmentation
-  (augment_on="host"), or its resize and its draws ("device")."""
+  (augment_on="host"), or ("device") the image itself in the corner of zeros with its size when
+  it is no larger than SIZE, else its resize with SIZE, and its draws."""
   image = augment.to_rgb_image(record["image"])
   rng = augment.image_rng(SEED, epoch, position)
   if augment_on == "host":
     return {"images": augment.train_transform(image, rng, SIZE)}
-  return {"pixels": np.asarray(image.resize(SIZE[::-1], Image.BICUBIC)),
-          "augment": augment.train_params(rng, SIZE)}
+  if image.height <= SIZE[0] and image.width <= SIZE[1]:
+    pixels = np.zeros((*SIZE, 3), np.uint8)
+    pixels[:image.height, :image.width] = np.asarray(image)
+    raw_size = (image.height, image.width)
+  else:
+    pixels, raw_size = np.asarray(image.resize(SIZE[::-1], Image.BICUBIC)), SIZE
+  return {"pixels": pixels, "raw_sizes": raw_size, "augment": augment.train_params(rng, SIZE)}
 
 
 def _assert_row(step, row, expected):
@@ -89,7 +95,8 @@ def _assert_row(step, row, expected):
 
 
 @pytest.mark.parametrize("augment_on,image_keys", [
-    ("device", {"pixels": np.uint8, "augment": np.int32}), ("host", {"images": np.float32})])
+    ("device", {"pixels": np.uint8, "raw_sizes": np.int32, "augment": np.int32}),
+    ("host", {"images": np.float32})])
 def test_train_steps_are_the_sampler_plan_augmented_per_position(records, augment_on,
                                                                  image_keys):
   train, dataset = _train(records, augment_on=augment_on)
@@ -271,6 +278,7 @@ def test_tfds_built_synthetic_whu_mars(tmp_path):
   assert len(train.steps_per_epoch) == 2 and train.total_steps >= 2
   step = next(iter(input_pipeline.train_dataset_from_config(config, train)))
   assert step["pixels"].shape == (24, 128, 64, 3) and step["augment"].shape == (24, 8)
+  assert step["raw_sizes"].shape == (24, 2)
   labels = step["labels"].reshape(3, -1)
   assert np.all(labels == labels[:1]) and np.all(step["modalities"] == np.repeat([0, 1, 2], 8))
   plan = train.sampler.epoch_steps(0)[0]

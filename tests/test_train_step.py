@@ -171,14 +171,19 @@ def test_a_batch_of_pixels_steps_as_the_batch_of_their_device_augmented_images()
   config = _config(mesh=(8, 1))
   state, run = _create(config, sharding.make_mesh(config.mesh, jax.devices()[:8]))
   labels = _batch(2)["labels"]
-  pixels = np.random.RandomState(0).randint(0, 256, (len(labels), 32, 16, 3)).astype(np.uint8)
+  rng = np.random.RandomState(0)
+  pixels = rng.randint(0, 256, (len(labels), 32, 16, 3)).astype(np.uint8)
+  # Half the rows hold a smaller image in their corner, to be resized first; half are resized.
+  raw_sizes = np.where(np.arange(len(labels))[:, None] % 2, [32, 16],
+                       np.stack([rng.randint(1, 33, len(labels)), rng.randint(1, 17, len(labels))],
+                                axis=1)).astype(np.int32)
   params = np.stack([augment.train_params(augment.image_rng(0, 0, i), (32, 16), padding=3)
                      for i in range(len(labels))])
   assert 0 < np.count_nonzero(params[:, 5]) < len(labels)  # some rows erased, some not
-  images = np.asarray(jax.jit(device_augment.augment_batch)(pixels, params))
+  images = np.asarray(jax.jit(device_augment.augment_batch)(pixels, params, raw_sizes))
   # The pipeline's other keys ride along unused.
-  on_device, metrics = run(state, {"pixels": pixels, "augment": params, "labels": labels,
-                                   "cameras": np.zeros_like(labels)})
+  on_device, metrics = run(state, {"pixels": pixels, "raw_sizes": raw_sizes, "augment": params,
+                                   "labels": labels, "cameras": np.zeros_like(labels)})
   from_host, want = run(state, {"images": images, "labels": labels})
   _assert_states_equal(on_device, from_host)
   for k in want:

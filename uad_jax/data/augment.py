@@ -4,12 +4,13 @@ Train, in order: PIL bicubic resize to H×W; horizontal flip p=0.5; pad 10 px wi
 back to H×W; to [0, 1]; normalise with mean 0.5, std 0.5 (→ [−1, 1]); random erasing p=0.5 of one
 box filled with N(0, 1) noise in normalised space. Test: PIL bilinear resize, normalise.
 
-The host always resizes. The rest runs where `config.augment_on` says: here (`train_transform`,
-float32 [H, W, 3] out) or in the jitted train step (`device_augment`), which takes the resized
-uint8 pixels and `train_params`, the same draws as int32 numbers, so a quarter of the bytes cross
-to the device and the host does only the decode and the resize. Both make the same flip, crop and
-box from the same generator; only the erased box's noise values differ (the device draws them
-from a seed the generator gives).
+The augmentation runs where `config.augment_on` says: here (`train_transform`, float32 [H, W, 3]
+out) or in the jitted train step (`device_augment`), which takes uint8 pixels (`train_pixels`:
+resized here, or for images no larger than H×W the decoded image itself, which the device resizes
+with Pillow's arithmetic) and `train_params`, the same draws as int32 numbers, so a quarter of the
+bytes cross to the device and the host does little more than decode. Both make the same resize,
+flip, crop and box from the same generator; only the erased box's noise values differ (the device
+draws them from a seed the generator gives).
 
 Randomness comes only from the generator passed in; the pipeline seeds one per image from
 (seed, epoch, position in the epoch) with `image_rng`, so an image's augmentation does not depend
@@ -111,6 +112,21 @@ def train_resize(image: Image.Image, image_size=DEFAULT_IMAGE_SIZE) -> np.ndarra
   """Training's resize: bicubic to H×W; uint8 [H, W, 3], what the device augmentation takes."""
   height, width = check_image_size(image_size)
   return np.asarray(image.resize((width, height), Image.BICUBIC))
+
+
+def train_pixels(image: Image.Image, image_size=DEFAULT_IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
+  """What the device needs to make `train_resize`'s pixels: (uint8 [H, W, 3], int32 (h, w)).
+
+  An image no larger than H×W in either axis travels as it is, in the top-left corner of zeros,
+  with its size, and the train step resizes it (`device_augment.resize`, Pillow's arithmetic bit
+  for bit); a larger one is resized here and travels with size (H, W). The host then only
+  decodes most images, and the bytes that cross are the same."""
+  height, width = check_image_size(image_size)
+  if image.height > height or image.width > width:
+    return train_resize(image, image_size), np.array([height, width], np.int32)
+  pixels = np.zeros((height, width, 3), np.uint8)
+  pixels[:image.height, :image.width] = np.asarray(image)
+  return pixels, np.array([image.height, image.width], np.int32)
 
 
 def draw_crop(rng: np.random.Generator, flip_prob: float = FLIP_PROB,

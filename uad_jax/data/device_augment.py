@@ -1,5 +1,10 @@
-"""`augment.train_transform` inside the jitted train step: uint8 pixels, already resized by the
-host, and each image's draws (`augment.train_params`) in; float32 images out.
+"""`augment.train_transform` inside the jitted train step: uint8 pixels and each image's draws
+(`augment.train_params`) in; float32 images out.
+
+The pixels are either resized by the host or, for images no larger than the output
+(`augment.train_pixels`), the decoded image itself in the top-left corner with its size beside it;
+those are resized here with Pillow's bicubic arithmetic (`pil_bicubic`'s integer tables), so the
+result is the host's resize bit for bit.
 
 Bit for bit the host's output everywhere but inside the erase box (same flip, crop, normalisation
 table and box), where the N(0, 1) noise comes from ``jax.random.key(noise seed)`` instead of the
@@ -9,9 +14,31 @@ depend on the batch size, the sharding or the device count.
 import jax
 import jax.numpy as jnp
 
-from uad_jax.data import augment
+from uad_jax.data import augment, pil_bicubic
 
 _P = {name: index for index, name in enumerate(augment.PARAMS)}
+
+
+def _resample(pixels, starts, weights):
+  """One Pillow pass over axis 0 of uint8 `pixels`: int32 sums of the taps, rounded, clipped."""
+  last = pixels.shape[0] - 1
+  sums = jnp.full((starts.shape[0], *pixels.shape[1:]), pil_bicubic.ROUNDING, jnp.int32)
+  for k in range(weights.shape[1]):  # a few taps: one gathered row block each
+    rows = pixels[jnp.minimum(starts + k, last)].astype(jnp.int32)
+    sums = sums + rows * weights[:, k, None, None]
+  return jnp.clip(sums >> pil_bicubic.PRECISION_BITS, 0, 255).astype(jnp.uint8)
+
+
+def resize(pixels, raw_size):
+  """One image [H, W, 3] whose top-left `raw_size` (h, w) holds a decoded image with h ≤ H and
+  w ≤ W → that image bicubic-resized to H×W as `Image.resize` does (horizontal pass first, its
+  result rounded to uint8, then vertical). (H, W) itself is the identity."""
+  height, width = pixels.shape[:2]
+  x_starts, x_weights = (jnp.asarray(t) for t in pil_bicubic.axis_tables(width, width))
+  y_starts, y_weights = (jnp.asarray(t) for t in pil_bicubic.axis_tables(height, height))
+  raw_h, raw_w = raw_size[0], raw_size[1]
+  rows = _resample(pixels.swapaxes(0, 1), x_starts[raw_w], x_weights[raw_w]).swapaxes(0, 1)
+  return _resample(rows, y_starts[raw_h], y_weights[raw_h])
 
 
 def flip_shift(pixels, flip, dy, dx):
@@ -45,6 +72,9 @@ def augment_image(pixels, params):
                p["noise_seed"])
 
 
-def augment_batch(pixels, params):
-  """uint8 [n, H, W, 3] and int32 [n, len(augment.PARAMS)] → float32 [n, H, W, 3]."""
+def augment_batch(pixels, params, raw_sizes=None):
+  """uint8 [n, H, W, 3] and int32 [n, len(augment.PARAMS)] → float32 [n, H, W, 3]; with
+  `raw_sizes` (int32 [n, 2]), each image is first resized from its top-left (h, w)."""
+  if raw_sizes is not None:
+    pixels = jax.vmap(resize)(pixels, raw_sizes)
   return jax.vmap(augment_image)(pixels, params)

@@ -11,9 +11,10 @@ consecutive images on `num_threads` threads in each of `num_workers` processes, 
 steps. Each image is augmented with a generator seeded by (seed, epoch, position of the image in
 its epoch), so the stream is the same whatever the thread, worker and process counts. With
 `augment_on="device"` (the default) the host only draws the augmentation's random numbers: a step
-holds the resized uint8 pixels and each image's int32 `augment.PARAMS`, and the jitted train step
-flips, crops, normalises and erases (`device_augment`); a quarter of the bytes of float32 images
-cross to the device, and the host's threads only decode and resize. `augment_on="host"` sends
+holds uint8 pixels, each image's size in them and its int32 `augment.PARAMS`, and the jitted train
+step resizes, flips, crops, normalises and erases (`device_augment`); a quarter of the bytes of
+float32 images cross to the device, and the host's threads decode, and resize only the images
+larger than H×W (`augment.train_pixels`). `augment_on="host"` sends
 float32 images augmented here (`augment.train_transform`). Eval batches always send uint8 pixels,
 normalised on the device with the same table (`augment.normalize_batch`). The
 iterator's state (`get_state` / `set_state`, JSON-serialisable) is its position in the stream: a
@@ -35,8 +36,8 @@ Use:
   train = iter(input_pipeline.train_dataset_from_config(
       config, plan, process_index=jax.process_index(), process_count=jax.process_count(),
       num_workers=2))
-  batch = next(train)  # {"pixels": [n, H, W, 3] uint8, "augment": [n, 8] int32,
-                       #  "labels": [n] int32, …}
+  batch = next(train)  # {"pixels": [n, H, W, 3] uint8, "raw_sizes": [n, 2] int32,
+                       #  "augment": [n, 8] int32, "labels": [n] int32, …}
   state = train.get_state()  # into the checkpoint; on resume: train.set_state(state)
 """
 import dataclasses
@@ -177,8 +178,8 @@ def process_rows(global_rows: int, process_index: int, process_count: int, what:
 
 
 class _TrainImage(grain.transforms.Map):
-  """Position of an image in this process's stream → its augmented image (or its resized pixels
-  and augmentation parameters) and labels."""
+  """Position of an image in this process's stream → its augmented image (or its pixels, their
+  size and its augmentation parameters) and labels."""
 
   def __init__(self, source, sampler: sampler_lib.PMKSampler, steps_per_epoch, image_size,
                process_index: int, local_rows: int, padding: int, augment_on: str):
@@ -228,7 +229,8 @@ class _TrainImage(grain.transforms.Map):
       images = {"images": augment.train_transform(image, rng, self._image_size,
                                                   padding=self._padding)}
     else:
-      images = {"pixels": augment.train_resize(image, self._image_size),
+      pixels, raw_size = augment.train_pixels(image, self._image_size)
+      images = {"pixels": pixels, "raw_sizes": raw_size,
                 "augment": augment.train_params(rng, self._image_size, padding=self._padding)}
     return {
         **images,
@@ -307,8 +309,8 @@ def make_train_dataset(source, plan: TrainPlan, *, image_size=augment.DEFAULT_IM
                        prefetch_images: int = DEFAULT_PREFETCH_IMAGES) -> grain.IterDataset:
   """The train stream of every planned epoch over the train split `source`.
 
-  Yields dicts {"pixels": uint8 [n, H, W, 3], "augment": int32 [n, len(augment.PARAMS)]} (for
-  `augment_on="device"`) or {"images": float32 [n, H, W, 3]} ("host"), with "labels",
+  Yields dicts {"pixels": uint8 [n, H, W, 3], "raw_sizes": int32 [n, 2], "augment": int32
+  [n, len(augment.PARAMS)]} (for `augment_on="device"`; `augment.train_pixels`) or {"images": float32 [n, H, W, 3]} ("host"), with "labels",
   "modalities", "cameras": int32 [n], n = R·M·P·K / process_count rows: this process's slice of
   each step (see the module docstring), `plan.total_steps` of them. Close iterators of a pipeline
   with worker processes (`iterator.close()`) when done with them.

@@ -52,14 +52,15 @@ def replica_objective(feats, logits, labels, memory, cfg: StepConfig):
 
 
 # What the step reads of a batch: "labels" and either form of the images.
-INPUT_KEYS = ("images", "pixels", "augment", "labels")
+INPUT_KEYS = ("images", "pixels", "raw_sizes", "augment", "labels")
 
 
 def batch_images(batch):
-  """The model's float32 input: the batch's "images", or its "pixels" augmented here."""
+  """The model's float32 input: the batch's "images", or its "pixels" augmented here (resized
+  first from their "raw_sizes" where the batch has them)."""
   if "images" in batch:
     return batch["images"]
-  return device_augment.augment_batch(batch["pixels"], batch["augment"])
+  return device_augment.augment_batch(batch["pixels"], batch["augment"], batch.get("raw_sizes"))
 
 
 def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
