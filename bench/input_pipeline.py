@@ -4,8 +4,9 @@ reference's PyTorch DataLoader.
 Builds a synthetic WHU-MARS with tfds_whumars (generator + TFDS ArrayRecord build) in a temporary
 folder, then times the train stream of one replica group (16×3×4 = 192 images at 256×128 by
 default) for each worker count, with the augmentation on the device (what the host does: decode,
-draw, and resize only the images larger than the output; uint8 out) and on the host (float32 out). The first step of each run (worker
-start-up, epoch planning) is not timed; the prefetch buffers it lets fill (a few hundred images)
+draw, and resize only the images larger than the output; uint8 out) and on the host (float32
+out). The first step of each run (worker start-up, epoch planning) is not timed; the prefetch
+buffers it lets fill (a few hundred images)
 are a small part of the timed steps.
 
 The peer, where torch is installed: a torch DataLoader (default collate) over the same records in

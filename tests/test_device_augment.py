@@ -73,7 +73,8 @@ def test_device_resize_is_pillows_bicubic_bit_for_bit(size):
   rng = np.random.default_rng(7)
   height, width = size
   sizes = [(1, 1), (height, width), (height, 1), (1, width), (height - 1, width - 1), (2, 3),
-           (height + 1, width), (height, width + 1), (3 * height, 2 * width), (height // 2, 5 * width)]
+           (height + 1, width), (height, width + 1), (3 * height, 2 * width),
+           (height // 2, 5 * width)]
   sizes += [(int(rng.integers(1, height + 1)), int(rng.integers(1, width + 1))) for _ in range(60)]
   photos = [_extreme_photo(rng, h, w) for h, w in sizes]
   pixels, raw_sizes = _wire(photos, size)

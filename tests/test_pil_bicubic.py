@@ -31,7 +31,8 @@ def test_axis_weights_give_pillows_resize_of_a_row_shrinking_and_enlarging():
     starts, weights = pil_bicubic.axis_weights(in_len, out)
     assert weights.shape == (out, pil_bicubic.taps(in_len, out))
     assert np.all(starts >= 0)
-    np.testing.assert_array_equal(_one_pass(row, starts, weights), want, err_msg=f"{in_len}→{out}")
+    np.testing.assert_array_equal(_one_pass(row, starts, weights), want,
+                                  err_msg=f"{in_len}→{out}")
 
 
 def test_tables_hold_every_input_length_padded_to_one_tap_count():

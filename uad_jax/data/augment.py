@@ -114,7 +114,8 @@ def train_resize(image: Image.Image, image_size=DEFAULT_IMAGE_SIZE) -> np.ndarra
   return np.asarray(image.resize((width, height), Image.BICUBIC))
 
 
-def train_pixels(image: Image.Image, image_size=DEFAULT_IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
+def train_pixels(image: Image.Image,
+                 image_size=DEFAULT_IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
   """What the device needs to make `train_resize`'s pixels: (uint8 [H, W, 3], int32 (h, w)).
 
   An image no larger than H×W in either axis travels as it is, in the top-left corner of zeros,

@@ -14,15 +14,14 @@ its epoch), so the stream is the same whatever the thread, worker and process co
 holds uint8 pixels, each image's size in them and its int32 `augment.PARAMS`, and the jitted train
 step resizes, flips, crops, normalises and erases (`device_augment`); a quarter of the bytes of
 float32 images cross to the device, and the host's threads decode, and resize only the images
-larger than H×W (`augment.train_pixels`). `augment_on="host"` sends
-float32 images augmented here (`augment.train_transform`). Eval batches always send uint8 pixels,
-normalised on the device with the same table (`augment.normalize_batch`). The
-iterator's state (`get_state` / `set_state`, JSON-serialisable) is its position in the stream: a
-restored iterator yields exactly what the original would have, across epoch boundaries too. The
-state's form depends on `num_workers` (Grain keeps one position per worker), so restore it into a
-pipeline built with the same settings. A plan of some of the split's identities
-(`config.dataset.train_identities`, `data.identities`) makes the stream read only their records,
-relabelled 0..N−1.
+larger than H×W (`augment.train_pixels`). `augment_on="host"` sends float32 images augmented here
+(`augment.train_transform`). Eval batches always send uint8 pixels, normalised on the device with
+the same table (`augment.normalize_batch`). The iterator's state (`get_state` / `set_state`,
+JSON-serialisable) is its position in the stream: a restored iterator yields exactly what the
+original would have, across epoch boundaries too. The state's form depends on `num_workers`
+(Grain keeps one position per worker), so restore it into a pipeline built with the same settings.
+A plan of some of the split's identities (`config.dataset.train_identities`, `data.identities`)
+makes the stream read only their records, relabelled 0..N−1.
 
 Multi-host: the global batch of a step (R·M·P·K rows, group-major) is split into process_count
 equal contiguous row slices; process i loads rows [i·n, (i+1)·n), n = R·M·P·K / process_count, so
@@ -310,10 +309,11 @@ def make_train_dataset(source, plan: TrainPlan, *, image_size=augment.DEFAULT_IM
   """The train stream of every planned epoch over the train split `source`.
 
   Yields dicts {"pixels": uint8 [n, H, W, 3], "raw_sizes": int32 [n, 2], "augment": int32
-  [n, len(augment.PARAMS)]} (for `augment_on="device"`; `augment.train_pixels`) or {"images": float32 [n, H, W, 3]} ("host"), with "labels",
-  "modalities", "cameras": int32 [n], n = R·M·P·K / process_count rows: this process's slice of
-  each step (see the module docstring), `plan.total_steps` of them. Close iterators of a pipeline
-  with worker processes (`iterator.close()`) when done with them.
+  [n, len(augment.PARAMS)]} (for `augment_on="device"`; `augment.train_pixels`) or {"images":
+  float32 [n, H, W, 3]} ("host"), with "labels", "modalities", "cameras": int32 [n],
+  n = R·M·P·K / process_count rows: this process's slice of each step (see the module docstring),
+  `plan.total_steps` of them. Close iterators of a pipeline with worker processes
+  (`iterator.close()`) when done with them.
   """
   augment.check_image_size(image_size)
   if augment_on not in augment.AUGMENT_ON:

@@ -1,6 +1,6 @@
 """PIL's bicubic resize as integer tables, so a device can reproduce it bit for bit.
 
-Pillow resizes 8-bit images in two separable passes, horizontal then vertical, each output pixel
+Pillow resizes 8-bit images in two separable passes (which first: below), each output pixel
 a sum of input pixels times fixed-point weights: the weights are computed in double precision
 (the bicubic kernel with a = −0.5, widened by the downscaling factor so that it antialiases),
 normalised to sum to 1, rounded to integers of `PRECISION_BITS` fractional bits, and every sum
