@@ -41,11 +41,13 @@ def test_plain_train_path_is_bicubic_resize_then_normalise():
   np.testing.assert_array_equal(out, expected)
 
 
-def test_test_transform_is_bilinear_resize_then_normalise():
+def test_eval_input_is_bilinear_resize_then_normalise():
+  """What evaluation feeds the model: the host's `test_resize`, normalised on the device."""
   image = _photo(1)
   expected = _reference_normalize(np.asarray(image.resize((W, H), Image.BILINEAR)))
-  np.testing.assert_array_equal(augment.test_transform(image, (H, W)), expected)
-  assert not np.array_equal(augment.test_transform(image, (H, W)),
+  eval_input = np.asarray(augment.normalize_batch(augment.test_resize(image, (H, W))))
+  np.testing.assert_array_equal(eval_input, expected)
+  assert not np.array_equal(eval_input,
                             _reference_normalize(np.asarray(image.resize((W, H), Image.BICUBIC))))
 
 
@@ -190,7 +192,7 @@ def test_bad_inputs_are_clear_errors():
   with pytest.raises(TypeError, match="int"):
     augment.to_rgb_image(3)
   with pytest.raises(ValueError, match="image_size"):
-    augment.test_transform(_photo(), (0, 4))
+    augment.test_resize(_photo(), (0, 4))
 
 
 def test_erase_aspect_bounds_are_the_specs():

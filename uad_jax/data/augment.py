@@ -103,11 +103,6 @@ def test_resize(image: Image.Image, image_size=DEFAULT_IMAGE_SIZE) -> np.ndarray
   return np.asarray(image.resize((width, height), Image.BILINEAR))
 
 
-def test_transform(image: Image.Image, image_size=DEFAULT_IMAGE_SIZE) -> np.ndarray:
-  """Evaluation: `test_resize`, then normalise; float32 [H, W, 3]."""
-  return normalize(test_resize(image, image_size))
-
-
 def train_resize(image: Image.Image, image_size=DEFAULT_IMAGE_SIZE) -> np.ndarray:
   """Training's resize: bicubic to H×W; uint8 [H, W, 3], what the device augmentation takes."""
   height, width = check_image_size(image_size)
